@@ -1,0 +1,1 @@
+"""Pure-PyTorch Stable Diffusion XL."""
