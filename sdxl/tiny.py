@@ -124,3 +124,71 @@ def write_tokenizer(folder: str | Path, pad_token: str = END) -> None:
     atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
     special = {"bos_token": START, "eos_token": END, "pad_token": pad_token, "unk_token": END}
     atomic_write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))
+
+
+def _tiny_modules(seed: int) -> dict[str, torch.nn.Module]:
+    """Build the four tiny networks with seeded weights (global RNG left untouched)."""
+    from sdxl.models.clip import CLIPTextConfig, CLIPTextModel
+    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+    from sdxl.models.vae import AutoencoderKL, VAEConfig
+
+    builders = {
+        "unet": lambda: UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])),
+        "vae": lambda: AutoencoderKL(VAEConfig.from_dict(TINY["vae"])),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(TINY["text_encoder"])),
+        "text_encoder_2": lambda: CLIPTextModel(CLIPTextConfig.from_dict(TINY["text_encoder_2"])),
+    }
+    modules = {}
+    with torch.random.fork_rng(devices=[]):
+        for k, (name, build) in enumerate(builders.items()):
+            torch.manual_seed(seed + k)
+            modules[name] = build()
+    return modules
+
+
+def _save_component(folder: Path, name: str, module: torch.nn.Module) -> None:
+    diffusers_style = name in ("unet", "vae")
+    config = dict(TINY[name])
+    if diffusers_style:
+        config["_diffusers_version"] = "0.42.1"
+        weights = "diffusion_pytorch_model.safetensors"
+    else:
+        config["transformers_version"] = "5.24.0"
+        weights = "model.safetensors"
+    atomic_write_text(folder / name / "config.json", json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(folder / name / weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Write the complete tiny SDXL (weights, configs, tokenizers, scheduler) into `folder`."""
+    folder = Path(folder)
+    for name, module in _tiny_modules(seed).items():
+        _save_component(folder, name, module)
+    write_tokenizer(folder / "tokenizer", pad_token=END)
+    write_tokenizer(folder / "tokenizer_2", pad_token="!")
+    scheduler = dict(SCHEDULER, _diffusers_version="0.42.1")
+    atomic_write_text(folder / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
+    index = dict(MODEL_INDEX, _diffusers_version="0.42.1")
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2))  # last: marks done
+    return folder
+
+
+def default_tiny_dir() -> Path:
+    """Where `builtin:tiny` lives: $SDXL_TINY_DIR, else the user cache."""
+    import os
+
+    root = os.environ.get("SDXL_TINY_DIR")
+    if root:
+        return Path(root)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "sdxl-pipeline" / "tiny-v1"
+
+
+def ensure_tiny_sdxl(folder: str | Path | None = None) -> Path:
+    """Return the tiny SDXL folder, writing it first if it is missing or incomplete."""
+    folder = Path(folder) if folder is not None else default_tiny_dir()
+    if not (folder / "model_index.json").exists():
+        write_tiny_sdxl(folder)
+    return folder

@@ -1,0 +1,1 @@
+"""Dataset generation: prompt lists, generation runs, and writers for the output layouts."""

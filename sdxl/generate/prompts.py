@@ -1,0 +1,33 @@
+"""Building the global prompt list: image i always gets prompts[i]."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines skipped. Errors name the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found; pass an existing --prompt-file")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 ({err}); re-save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: the prompt file has no prompts; write one prompt per line")
+    return prompts
+
+
+def expand_prompts(
+    prompts: list[str], num_images: int, shuffle: bool = False, seed: int = 0
+) -> list[str]:
+    """Cycle or truncate `prompts` to `num_images`, optionally shuffled with `seed` first."""
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    prompts = list(prompts)
+    if shuffle:
+        random.Random(seed).shuffle(prompts)
+    return [prompts[i % len(prompts)] for i in range(num_images)]

@@ -1,0 +1,590 @@
+"""The SDXL UNet (Podell et al. 2023, arXiv:2307.01952) in plain PyTorch.
+
+Attribute names are diffusers' `UNet2DConditionModel` checkpoint keys, so a diffusers `unet/`
+folder loads with `load_state_dict(strict=True)` and no renames. Leaf modules come first, the
+full model last. Shapes: B batch, C channels, H x W latent size, N = H*W tokens, T text tokens,
+D widths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+# Keys with one supported value: key -> (diffusers' default when absent, values we accept).
+_FIXED: dict[str, tuple[object, tuple[object, ...]]] = {
+    "act_fn": ("silu", ("silu",)),
+    "addition_embed_type": (None, ("text_time",)),
+    "attention_type": ("default", ("default",)),
+    "center_input_sample": (False, (False,)),
+    "class_embed_type": (None, (None,)),
+    "class_embeddings_concat": (False, (False,)),
+    "conv_in_kernel": (3, (3,)),
+    "conv_out_kernel": (3, (3,)),
+    "cross_attention_norm": (None, (None,)),
+    "downsample_padding": (1, (1,)),
+    "dropout": (0.0, (0.0,)),
+    "dual_cross_attention": (False, (False,)),
+    "encoder_hid_dim": (None, (None,)),
+    "encoder_hid_dim_type": (None, (None,)),
+    "flip_sin_to_cos": (True, (True,)),
+    "freq_shift": (0, (0,)),
+    "mid_block_only_cross_attention": (None, (None, False)),
+    "mid_block_scale_factor": (1, (1,)),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn", ("UNetMidBlock2DCrossAttn",)),
+    "num_attention_heads": (None, (None,)),  # diffusers itself refuses it; heads come from attention_head_dim
+    "num_class_embeds": (None, (None,)),
+    "only_cross_attention": (False, (False,)),
+    "resnet_out_scale_factor": (1.0, (1.0,)),
+    "resnet_skip_time_act": (False, (False,)),
+    "resnet_time_scale_shift": ("default", ("default",)),
+    "reverse_transformer_layers_per_block": (None, (None,)),
+    "time_cond_proj_dim": (None, (None,)),
+    "time_embedding_act_fn": (None, (None,)),
+    "time_embedding_dim": (None, (None,)),
+    "time_embedding_type": ("positional", ("positional",)),
+    "timestep_post_act": (None, (None,)),
+    "upcast_attention": (False, (None, False)),
+    "use_linear_projection": (False, (True,)),
+}
+# Bookkeeping: the default resolution, and a head count that only other addition types use.
+_IGNORED = ("sample_size", "addition_embed_type_num_heads")
+_REQUIRED = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "layers_per_block",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "cross_attention_dim",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "norm_num_groups",
+    "norm_eps",
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """What varies across SDXL-family UNets; per-level tuples run from the top (full-res) level."""
+
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: tuple[int, ...]
+    transformer_layers_per_block: tuple[int, ...]
+    num_attention_heads: tuple[int, ...]  # real head counts (diffusers' "attention_head_dim")
+    cross_attention_dim: int
+    addition_time_embed_dim: int
+    projection_class_embeddings_input_dim: int
+    norm_num_groups: int
+    norm_eps: float
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for key in ("down_block_types", "up_block_types", "layers_per_block"):
+            _check_len(key, getattr(self, key), n)
+        for key in ("transformer_layers_per_block", "num_attention_heads"):
+            _check_len(key, getattr(self, key), n)
+        _check_choices("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES)
+        _check_choices("up_block_types", self.up_block_types, UP_BLOCK_TYPES)
+        for key in ("block_out_channels", "layers_per_block", "transformer_layers_per_block"):
+            _check_positive(key, getattr(self, key))
+        _check_positive("num_attention_heads", self.num_attention_heads)
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels "
+                f"entry {list(self.block_out_channels)}"
+            )
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the timestep embedding every resnet receives (4x the first level's width)."""
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """Build from a diffusers `unet/config.json` dict; raise ValueError naming any unsupported key."""
+        d = {k: v for k, v in d.items() if not k.startswith("_") and k not in _IGNORED}
+        unknown = sorted(set(d) - set(_FIXED) - set(_REQUIRED))
+        if unknown:
+            raise ValueError(f"unet config: unknown key(s) {unknown}")
+        for key, (default, allowed) in _FIXED.items():
+            _check_fixed(key, d.get(key, default), allowed, key not in d)
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"unet config: missing key(s) {missing}")
+        n = len(d["block_out_channels"])
+        # diffusers' naming quirk: with num_attention_heads null, attention_head_dim is the head count.
+        return cls(
+            in_channels=d["in_channels"],
+            out_channels=d["out_channels"],
+            block_out_channels=tuple(d["block_out_channels"]),
+            down_block_types=tuple(d["down_block_types"]),
+            up_block_types=tuple(d["up_block_types"]),
+            layers_per_block=_per_level("layers_per_block", d["layers_per_block"], n),
+            transformer_layers_per_block=_per_level(
+                "transformer_layers_per_block", d["transformer_layers_per_block"], n
+            ),
+            num_attention_heads=_per_level("attention_head_dim", d["attention_head_dim"], n),
+            cross_attention_dim=_int("cross_attention_dim", d["cross_attention_dim"]),
+            addition_time_embed_dim=_int("addition_time_embed_dim", d["addition_time_embed_dim"]),
+            projection_class_embeddings_input_dim=_int(
+                "projection_class_embeddings_input_dim", d["projection_class_embeddings_input_dim"]
+            ),
+            norm_num_groups=_int("norm_num_groups", d["norm_num_groups"]),
+            norm_eps=float(d["norm_eps"]),
+        )
+
+
+def _check_fixed(key: str, value: object, allowed: tuple, absent: bool) -> None:
+    """Accept a key whose value is one we support (a list of all-False counts as False)."""
+    if key == "only_cross_attention" and isinstance(value, list | tuple) and not any(value):
+        value = False
+    if not any(value == a for a in allowed):
+        note = " (diffusers' default when the key is absent)" if absent else ""
+        raise ValueError(
+            f"unet config: {key}={value!r}{note} is not supported; supported: {list(allowed)}"
+        )
+
+
+def _int(key: str, value: object) -> int:
+    """A plain positive int, or a ValueError naming the key."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"unet config: {key} must be a positive int, got {value!r}")
+    return value
+
+
+def _per_level(key: str, value: object, n: int) -> tuple[int, ...]:
+    """An int or a per-level list of ints, as a tuple with one entry per level."""
+    values = [value] * n if isinstance(value, int) else value
+    if not isinstance(values, list | tuple):
+        raise ValueError(f"unet config: {key} must be an int or a list of ints, got {value!r}")
+    return tuple(_int(key, v) for v in values)
+
+
+def _check_len(key: str, values: tuple, n: int) -> None:
+    if len(values) != n:
+        raise ValueError(
+            f"unet config: {key} has {len(values)} entries, block_out_channels has {n}"
+        )
+
+
+def _check_choices(key: str, values: tuple, choices: tuple) -> None:
+    bad = [v for v in values if v not in choices]
+    if bad:
+        raise ValueError(f"unet config: {key} {bad} not supported; supported: {list(choices)}")
+
+
+def _check_positive(key: str, values: tuple) -> None:
+    if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
+        raise ValueError(f"unet config: {key} must hold positive ints, got {list(values)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaf modules
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) values -> (N, dim) fp32 [cos | sin] features (Vaswani et al. 2017; DDPM's time input)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)  # (half,)
+    args = t[:, None].float() * freqs[None, :]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _maybe_checkpoint(module: nn.Module, fn, *args):
+    """Run fn(*args), recomputing its activations in backward when checkpointing (saves memory)."""
+    if module.gradient_checkpointing and module.training:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP from sinusoidal (or pooled-text + size) features to the time embedding."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between (DDPM resnet)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return _maybe_checkpoint(self, self._forward, x, temb)
+
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention over tokens; keys/values come from `context` (cross) or x (self)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        # a list so the key is to_out.0 (diffusers keeps a dropout at index 1)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, N, _ = x.shape
+        q = self.to_q(x).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, h, N, D)
+        k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
+        v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D)
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU input layer of the feed-forward (Shazeer 2020, arXiv:2002.05202)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to 4x width, then back."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        # index 1 is diffusers' dropout slot; it keeps the output Linear at ff.net.2
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, feed-forward; each residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return _maybe_checkpoint(self, self._forward, x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))  # (B, N, D)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """Feature map -> tokens -> `depth` transformer blocks -> feature map, plus the input."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        head_dim = channels // heads
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # diffusers fixes this eps
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, N, C)
+        h = self.proj_in(h)  # (B, N, D)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h)  # (B, N, C)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        return h + x
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv: halves H and W (rounding up)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling to the matching skip's size, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        # size = the skip's (H, W): exactly 2x when the latent divides evenly, else one row/col less
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclass(frozen=True)
+class _Level:
+    """How one block is built: its resnet count and, when it attends, depth and heads."""
+
+    num_layers: int
+    depth: int  # transformer blocks per attention; 0 = no attention (DownBlock2D / UpBlock2D)
+    heads: int
+    context_dim: int
+    temb_dim: int
+    groups: int
+    eps: float
+
+    def resnet(self, in_ch: int, out_ch: int) -> ResnetBlock2D:
+        return ResnetBlock2D(in_ch, out_ch, self.temb_dim, self.groups, self.eps)
+
+    def attentions(self, channels: int) -> nn.ModuleList:
+        """One Transformer2DModel per resnet, or none (an empty list has no keys)."""
+        if not self.depth:
+            return nn.ModuleList()
+        return nn.ModuleList(
+            Transformer2DModel(channels, self.heads, self.depth, self.context_dim, self.groups)
+            for _ in range(self.num_layers)
+        )
+
+
+class DownBlock(nn.Module):
+    """DownBlock2D / CrossAttnDownBlock2D: resnets (each with attention if any), then downsample."""
+
+    def __init__(self, level: _Level, in_ch: int, out_ch: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            level.resnet(in_ch if i == 0 else out_ch, out_ch) for i in range(level.num_layers)
+        )
+        self.attentions = level.attentions(out_ch)
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if downsample else [])
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Return the output and the skips: one per resnet, plus one after downsampling."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)  # (B, C, ceil(H/2), ceil(W/2))
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2DCrossAttn: resnet, attention, resnet at the lowest resolution."""
+
+    def __init__(self, level: _Level, channels: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([level.resnet(channels, channels) for _ in range(2)])
+        self.attentions = level.attentions(channels)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock(nn.Module):
+    """UpBlock2D / CrossAttnUpBlock2D: concat a skip, resnet (+ attention), ..., then upsample."""
+
+    def __init__(self, level: _Level, in_ch: int, prev_ch: int, out_ch: int, upsample: bool):
+        super().__init__()
+        n = level.num_layers
+        self.resnets = nn.ModuleList(
+            level.resnet(
+                (prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch
+            )
+            for i in range(n)
+        )
+        self.attentions = level.attentions(out_ch)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        size: torch.Size | None,
+    ) -> torch.Tensor:
+        """`skips` in the order they are used (last pushed first); `size` is the next skip's (H, W)."""
+        for i, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
+            x = torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        for up in self.upsamplers:
+            x = up(x, size)  # (B, C, H_next, W_next)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Full model
+
+
+class UNet2DConditionModel(nn.Module):
+    """Latent noise prediction eps(x_t, t, text, pooled text, size/crop ids) of SDXL."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        widths, temb_dim = cfg.block_out_channels, cfg.time_embed_dim
+        n = len(widths)
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(widths[0], temb_dim)
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_dim)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            level = self._level(i, cfg.layers_per_block[i], attends=kind == "CrossAttnDownBlock2D")
+            in_ch = widths[max(i - 1, 0)]
+            self.down_blocks.append(DownBlock(level, in_ch, widths[i], downsample=i < n - 1))
+
+        self.mid_block = MidBlock(self._level(n - 1, 1, attends=True), widths[-1])
+
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.up_block_types):
+            j = n - 1 - i  # the matching down level
+            level = self._level(j, cfg.layers_per_block[j] + 1, attends=kind == "CrossAttnUpBlock2D")
+            prev_ch, in_ch = widths[min(j + 1, n - 1)], widths[max(j - 1, 0)]
+            self.up_blocks.append(UpBlock(level, in_ch, prev_ch, widths[j], upsample=i < n - 1))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def _level(self, i: int, num_layers: int, attends: bool) -> _Level:
+        """Build parameters of level i (0 = full resolution) for a block with num_layers resnets."""
+        cfg = self.config
+        return _Level(
+            num_layers=num_layers,
+            depth=cfg.transformer_layers_per_block[i] if attends else 0,
+            heads=cfg.num_attention_heads[i],
+            context_dim=cfg.cross_attention_dim,
+            temb_dim=cfg.time_embed_dim,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+        )
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each resnet's and transformer block's activations in backward (in training)."""
+        for m in self.modules():
+            if isinstance(m, ResnetBlock2D | BasicTransformerBlock):
+                m.gradient_checkpointing = enabled
+
+    def embed_time(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, 4*C0) embedding of the timestep plus the pooled text and the size/crop ids."""
+        B = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)  # (B,)
+        t_emb = timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype)
+        emb = self.time_embedding(t_emb)  # (B, 4*C0)
+        ids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim)
+        add = torch.cat([text_embeds, ids.reshape(B, -1)], dim=-1).to(emb.dtype)  # (B, P)
+        return emb + self.add_embedding(add)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict the noise in `sample` (B, C_in, H, W); timestep is a number, 0-d or (B,)."""
+        self._check_inputs(sample, encoder_hidden_states, text_embeds, time_ids)
+        context = encoder_hidden_states  # (B, T, D_ctx)
+        emb = self.embed_time(sample, timestep, text_embeds, time_ids)  # (B, 4*C0)
+
+        x = self.conv_in(sample)  # (B, C0, H, W)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context)
+            skips.extend(block_skips)
+        x = self.mid_block(x, emb, context)  # (B, C_last, H / 2^(n-1), W / 2^(n-1))
+        for block in self.up_blocks:
+            block_skips = [skips.pop() for _ in block.resnets]
+            size = skips[-1].shape[-2:] if skips else None  # where the upsampler must land
+            x = block(x, block_skips, emb, context, size)
+        x = F.silu(self.conv_norm_out(x))  # (B, C0, H, W)
+        return self.conv_out(x)  # (B, C_out, H, W)
+
+    def _check_inputs(self, sample, context, text_embeds, time_ids) -> None:
+        """Shape errors with names, instead of a matmul mismatch deep inside (shapes only: no sync)."""
+        cfg = self.config
+        pooled = cfg.projection_class_embeddings_input_dim
+        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W), got {tuple(sample.shape)}")
+        if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be (B, T, {cfg.cross_attention_dim}), "
+                f"got {tuple(context.shape)}"
+            )
+        width = text_embeds.shape[-1] + time_ids[0].numel() * cfg.addition_time_embed_dim
+        if text_embeds.ndim != 2 or width != pooled:
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
+                f"{width} added features; this UNet expects {pooled}"
+            )

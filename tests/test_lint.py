@@ -1,0 +1,27 @@
+"""The code style gate runs with the tests, so CI enforces it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ruff() -> str:
+    return shutil.which("ruff", path=str(Path(sys.executable).parent)) or "ruff"
+
+
+def test_ruff_check_is_clean():
+    result = subprocess.run([_ruff(), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_library_never_imports_reference_packages():
+    banned = ("import diffusers", "from diffusers", "import peft", "from peft", "import accelerate", "from accelerate")
+    for path in (ROOT / "sdxl").rglob("*.py"):
+        text = path.read_text()
+        for word in banned:
+            assert word not in text, f"{path.relative_to(ROOT)} mentions {word!r}"
