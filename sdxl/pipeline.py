@@ -215,6 +215,7 @@ def load_pipeline(
     (a diffusers folder; default: the SDXL base 1.0 repo, downloading only those small files).
     """
     from sdxl import weights
+    from sdxl.hub import fetch_config_files
     from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl
 
     dtype = to_dtype(dtype)
@@ -224,7 +225,7 @@ def load_pipeline(
     else:
         folder = Path(source)
     if folder.is_file():
-        config_dir = Path(config_source) if config_source else weights.fetch_config_files()
+        config_dir = Path(config_source) if config_source else fetch_config_files()
         modules = weights.load_single_file(
             folder, dtype=dtype, device=device, config_dir=config_dir
         )

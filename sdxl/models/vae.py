@@ -24,6 +24,7 @@ _FIXED = {
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
+_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 _IGNORED = {"sample_size"}  # only sets diffusers' default tile size
 _EPS = 1e-6  # every GroupNorm in the diffusers VAE
 _DEFAULT_TILE = 64  # latent pixels per tile (512 image pixels) when tile_size is None
@@ -61,28 +62,31 @@ class VAEConfig:
     def from_dict(cls, d: dict) -> VAEConfig:
         """Build from a diffusers `vae/config.json` dict; reject what we do not implement."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kwargs, block_types = {}, {}
         for key, value in d.items():
             if key.startswith("_") or key in _IGNORED:
                 continue
             if key in _FIXED:
                 if value != _FIXED[key]:
                     raise ValueError(f"unsupported {key}={value!r}; only {_FIXED[key]!r}")
-            elif key in ("down_block_types", "up_block_types"):
-                _check_block_types(key, value, len(d.get("block_out_channels", ())))
+            elif key in _BLOCK_TYPES:
+                block_types[key] = value
             elif key in fields:
                 kwargs[key] = tuple(value) if key == "block_out_channels" else value
             else:
                 raise ValueError(f"unknown VAE config key {key!r}")
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        for key, value in block_types.items():
+            _check_block_types(key, value, len(cfg.block_out_channels))
+        return cfg
 
 
 def _check_block_types(key: str, value: list, levels: int) -> None:
     """Down/up block types must be the plain VAE blocks, one per level."""
-    want = "DownEncoderBlock2D" if key == "down_block_types" else "UpDecoderBlock2D"
+    want = _BLOCK_TYPES[key]
     if any(t != want for t in value):
         raise ValueError(f"unsupported {key}={value!r}; only {want!r} blocks")
-    if levels and len(value) != levels:
+    if len(value) != levels:
         raise ValueError(f"{key} has {len(value)} entries but block_out_channels has {levels}")
 
 
@@ -340,9 +344,9 @@ class AutoencoderKL(nn.Module):
         """
         if tile_size < 4:
             raise ValueError(f"tile_size must be at least 4 latent pixels, got {tile_size}")
-        H, W = z.shape[-2:]
-        if H <= tile_size and W <= tile_size:
+        if max(z.shape[-2:]) <= tile_size:
             return self._decode(z)
+        H, W = z.shape[-2:]
         overlap = tile_size // 4
         stride, f = tile_size - overlap, self.config.downscale
         blend, keep = overlap * f, stride * f  # in image pixels
@@ -364,6 +368,10 @@ class AutoencoderKL(nn.Module):
 def sample_latent(
     mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw z = mean + exp(logvar / 2) * eps, eps drawn like diffusers' latent_dist.sample()."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar) * eps
+    """Draw z = mean + exp(logvar / 2) * eps, eps drawn like diffusers' latent_dist.sample().
+
+    A CPU generator draws on the CPU (then moves), as diffusers' randn_tensor does.
+    """
+    device = mean.device if generator is None else generator.device
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
