@@ -191,8 +191,9 @@ class LoRALinear(_LoRALayer):
     """nn.Linear with a LoRA; state dict: weight, bias, lora_down.weight, lora_up.weight, alpha."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        down = _fp32(nn.Linear(base.in_features, rank, bias=False, device="meta"), base)
-        up = _fp32(nn.Linear(rank, base.out_features, bias=False, device="meta"), base)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        down = _zero(_LinearFactor(base.in_features, rank, **kw))
+        up = _zero(_LinearFactor(rank, base.out_features, **kw))
         super().__init__(base, down, up, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
 
@@ -212,9 +213,10 @@ class LoRAConv2d(_LoRALayer):
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError("LoRA supports Conv2d with groups=1 and zero padding only")
         k = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-        down = nn.Conv2d(base.in_channels, rank, base.kernel_size, bias=False, device="meta", **k)
-        up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device="meta")
-        super().__init__(base, _fp32(down, base), _fp32(up, base), alpha, dropout)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        down = _zero(_ConvFactor(base.in_channels, rank, base.kernel_size, **k, **kw))
+        up = _zero(_ConvFactor(rank, base.out_channels, 1, **kw))
+        super().__init__(base, down, up, alpha, dropout)
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.kernel_size, self.stride = base.kernel_size, base.stride
         self.padding, self.dilation = base.padding, base.dilation
@@ -235,12 +237,22 @@ class LoRAConv2d(_LoRALayer):
 LoRAModule = LoRALinear | LoRAConv2d
 
 
-def _fp32(layer: nn.Module, base: nn.Module) -> nn.Module:
-    """Give a meta-built LoRA factor a zero fp32 weight on the base's device."""
-    w = layer.weight
-    layer.weight = nn.Parameter(
-        torch.zeros(w.shape, dtype=torch.float32, device=base.weight.device)
-    )
+class _LinearFactor(nn.Linear):
+    """nn.Linear without the random init: LoRA factors are initialised explicitly."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _ConvFactor(nn.Conv2d):
+    """nn.Conv2d without the random init: LoRA factors are initialised explicitly."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+def _zero(layer: nn.Module) -> nn.Module:
+    nn.init.zeros_(layer.weight)
     return layer
 
 

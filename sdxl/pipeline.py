@@ -129,7 +129,7 @@ class SDXLPipeline:
                  width // self.vae_scale_factor)  # fmt: skip
         noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
         cond = self._conditioning(prompts, negative_prompt, width, height, guidance_scale)
-        model = _guided_unet(self.unet, cond, guidance_scale, guidance_rescale)
+        model = guided_model(self.unet, cond, guidance_scale, guidance_rescale)
         return schedulers.sample(
             sampler, model, noise.to(device), num_inference_steps, self.scheduler_config,
             generators=generators, progress=progress,
@@ -154,20 +154,25 @@ class SDXLPipeline:
             "time_ids": time_ids,
         }
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode latents to images in [0, 1]; retries in fp32 if a low-precision decode overflows."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = latents / self.vae.config.scaling_factor
-        images = self.vae.decode(z.to(vae_dtype)).float()
-        if vae_dtype != torch.float32 and not torch.isfinite(images).all():
-            log.warning("VAE decode in %s produced non-finite values; retrying in fp32", vae_dtype)
-            images = self.vae.float().decode(z.float())
-            self.vae.to(vae_dtype)
-        return (images / 2 + 0.5).clamp(0, 1)
+        """VAE-decode latents to images in [0, 1]."""
+        return decode_latents(self.vae, latents)
 
 
-def _guided_unet(unet, cond: dict, guidance_scale: float, guidance_rescale: float):
+@torch.inference_mode()
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1]; retries in fp32 if a low-precision decode overflows."""
+    vae_dtype = next(vae.parameters()).dtype
+    z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).device)
+    images = vae.decode(z.to(vae_dtype)).float()
+    if vae_dtype != torch.float32 and not torch.isfinite(images).all():
+        log.warning("VAE decode in %s produced non-finite values; retrying in fp32", vae_dtype)
+        images = vae.float().decode(z.float())
+        vae.to(vae_dtype)
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def guided_model(unet, cond: dict, guidance_scale: float, guidance_rescale: float):
     """The eps/v model for the sampler: one batched UNet call for both CFG branches."""
     guided = guidance_scale > 1.0
     dtype = cond["encoder_hidden_states"].dtype

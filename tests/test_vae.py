@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -47,9 +48,9 @@ def images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def latents(b: int, h: int, w: int, c: int = 4, seed: int = 0) -> torch.Tensor:
-    """Seeded standard-normal latents."""
-    return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+def latents(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal latents of shape (B, C, h, w)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- config
@@ -99,7 +100,7 @@ def test_encode_matches_diffusers(tiny):
 @torch.no_grad()
 def test_decode_matches_diffusers(tiny):
     ours, ref = tiny
-    z = latents(2, 8, 12)
+    z = latents(2, 4, 8, 12)
     out = ours.decode(z)
     assert out.shape == (2, 3, 64, 96)
     assert rel_err(out, ref.decode(z).sample) < 1e-4
@@ -107,13 +108,15 @@ def test_decode_matches_diffusers(tiny):
 
 @torch.no_grad()
 def test_logvar_is_clamped_like_diffusers(tiny):
-    ours, ref = tiny
-    x = images(1, 32, 32) * 50  # far outside [-1, 1] to push logvar past the clamp
+    ours, ref = (copy.deepcopy(m) for m in tiny)
+    for m in (ours, ref):  # push half the logvar channels above 20, half below -30
+        m.quant_conv.bias[4:6] += 100
+        m.quant_conv.bias[6:8] -= 100
+    x = images(1, 32, 32)
     _, logvar = ours.encode(x)
     ref_logvar = ref.encode(x).latent_dist.logvar
-    assert logvar.min() >= -30 and logvar.max() <= 20
-    assert ((logvar == 20) | (logvar == -30)).any()
-    assert rel_err(logvar, ref_logvar) < 1e-4
+    assert (logvar[:, :2] == 20).all() and (logvar[:, 2:] == -30).all()
+    torch.testing.assert_close(logvar, ref_logvar, rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -144,7 +147,7 @@ def test_saved_other_config_loads_strictly_and_matches(tmp_path):
         ours = AutoencoderKL(cfg)
     ours.load_state_dict(load_file(tmp_path / "diffusion_pytorch_model.safetensors"), assign=True)
     ours.eval()
-    x, z = images(2, 32, 48), latents(2, 8, 12)
+    x, z = images(2, 32, 48), latents(2, 4, 8, 12)
     mean, logvar = ours.encode(x)
     dist = ref.encode(x).latent_dist
     assert rel_err(mean, dist.mean) < 1e-4 and rel_err(logvar, dist.logvar) < 1e-4
@@ -170,12 +173,12 @@ def test_full_sdxl_on_meta_matches_diffusers_keys_and_shapes():
 @torch.no_grad()
 def test_slice_equals_batched(tiny):
     ours, _ = tiny
-    x, z = images(3, 32, 48), latents(3, 4, 6)
+    x, z = images(3, 32, 48), latents(3, 4, 4, 6)
     mean, logvar = ours.encode(x)
     mean_s, logvar_s = ours.encode(x, slice=True)
-    torch.testing.assert_close(mean_s, mean, rtol=0, atol=0)
-    torch.testing.assert_close(logvar_s, logvar, rtol=0, atol=0)
-    torch.testing.assert_close(ours.decode(z, slice=True), ours.decode(z), rtol=0, atol=0)
+    # Same maths; CPU conv kernels may block a batch of 1 differently, so allow float rounding.
+    assert rel_err(mean_s, mean) < 1e-5 and rel_err(logvar_s, logvar) < 1e-5
+    assert rel_err(ours.decode(z, slice=True), ours.decode(z)) < 1e-5
 
 
 @torch.no_grad()
@@ -223,11 +226,14 @@ def test_bf16_runs_and_is_close_to_fp32(tiny):
     ours, _ = tiny
     ours16 = AutoencoderKL(ours.config).to(torch.bfloat16).eval()
     ours16.load_state_dict(ours.state_dict())
-    x, z = images(2, 32, 48), latents(2, 4, 6)
+    x, z = images(2, 32, 48), latents(2, 4, 4, 6)
     out = ours16.decode(z)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rel_err(out, ours.decode(z)) < 5e-2
     mean, _ = ours16.encode(x)
     assert mean.dtype == torch.bfloat16
     assert rel_err(mean, ours.encode(x)[0]) < 5e-2
-    assert rel_err(ours16.decode(z, tile=True, tile_size=4), ours.decode(z, tile=True, tile_size=4)) < 5e-2
+    assert (
+        rel_err(ours16.decode(z, tile=True, tile_size=4), ours.decode(z, tile=True, tile_size=4))
+        < 5e-2
+    )

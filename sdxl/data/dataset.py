@@ -360,7 +360,8 @@ def validate_dataset(
 
     policy 'skip' drops bad files (logged, and listed in `problems`); 'fail' raises one
     DatasetError listing them. A `tokenizer` (a CLIP tokenizer, or any text -> ids callable)
-    turns on the warning for captions longer than `max_tokens`. An empty result always raises.
+    turns on the warning for captions longer than `max_tokens`. Images whose shorter side
+    is below `min_size` (default 256 px) are dropped. An empty result always raises.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")

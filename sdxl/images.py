@@ -1,0 +1,34 @@
+"""Image grids for validation samples and contact sheets."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def make_grid(
+    images: list[Image.Image], captions: list[str] | None = None, cols: int | None = None,
+    caption_lines: int = 2,
+) -> Image.Image:  # fmt: skip
+    """Tile images (all resized to the first one's size) with optional captions underneath."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    font = ImageFont.load_default()
+    line_h = 12 if captions else 0
+    cell_h = h + line_h * caption_lines
+    grid = Image.new("RGB", (cols * w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, w // 6)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * cell_h
+        grid.paste(image.convert("RGB").resize((w, h)), (x, y))
+        if captions:
+            lines = textwrap.wrap(captions[i], chars)[:caption_lines]
+            for k, line in enumerate(lines):
+                draw.text((x + 2, y + h + k * line_h), line, fill="black", font=font)
+    return grid

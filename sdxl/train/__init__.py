@@ -1,0 +1,1 @@
+"""LoRA training on cached latents and text embeddings: loop, optimizer, checkpoints, DDP."""

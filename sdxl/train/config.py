@@ -1,0 +1,118 @@
+"""Every setting of a training run, validated once and written as config.json beside the outputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Flag names and defaults follow the original project's train_sdxl.py."""
+
+    data_dir: str
+    output_dir: str = "./outputs"
+    pretrained_model: str = "./weights/sdxl-base-1.0"
+    vae_model: str | None = None
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_mode: str = "attention"
+    lora_targets: tuple[str, ...] = ()
+    lora_conv: bool = False
+    # optimisation
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    num_epochs: int = 10
+    max_steps: int | None = None
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    # objective
+    prediction_type: str = "epsilon"
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    timestep_min: int = 0
+    timestep_max: int = 1000
+    # data
+    image_size: int = 1024
+    center_crop: bool = False
+    random_flip: bool = True
+    min_image_size: int = 64
+    strict_data: bool = False
+    cache_batch_size: int = 4
+    # checkpoints and logging
+    save_interval: int = 1
+    checkpoint_steps: int = 0
+    resume_from: str | None = "auto"
+    log_interval: int = 10
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+    validation_prompts: tuple[str, ...] = ()
+    validation_interval: int = 0
+    num_validation_images: int = 4
+    validation_guidance_scale: float = 7.5
+    validation_steps: int = 20
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
+        _choice("prediction_type", self.prediction_type, PREDICTIONS)
+        for key in ("batch_size", "gradient_accumulation_steps", "num_epochs", "lora_rank",
+                    "image_size", "save_interval", "log_interval", "validation_steps"):  # fmt: skip
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.image_size % 64:
+            raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
+        if not 0 <= self.timestep_min < self.timestep_max <= 1000:
+            raise ValueError(
+                f"timestep range [{self.timestep_min}, {self.timestep_max}) must lie in [0, 1000)"
+            )
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError("min_snr_gamma must be positive (leave it unset to disable)")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def lora_target(self) -> str | tuple[str, ...]:
+        return self.lora_targets or self.lora_target_mode
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a dict (config.yaml slice or config.json); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; valid: {sorted(known)}")
+        values = dict(values)
+        for key in ("lora_targets", "validation_prompts"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")

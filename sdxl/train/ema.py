@@ -1,0 +1,34 @@
+"""Exponential moving average of the LoRA weights, kept in fp32 (bf16 would round updates away)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LoRAEMA:
+    """Shadow copies of the trainable LoRA tensors; `decay` per optimizer step."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.params = params
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for dst, src in zip(self.shadow, state["shadow"], strict=True):
+            dst.copy_(src)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and shadow weights (call twice to restore); used to export the EMA LoRA."""
+        for p, s in zip(self.params, self.shadow, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)

@@ -1,0 +1,52 @@
+"""Optimizer over the fp32 LoRA parameters and the learning-rate schedule.
+
+The schedule is a pure function of the optimizer step (1-based), so the first update already
+uses warmup's first value and resuming needs nothing but the step count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdxl.train.config import TrainConfig
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with fp32 states, or bitsandbytes' 8-bit AdamW when asked."""
+    kwargs = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.adam_weight_decay,
+    )
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError(
+                "--8_bit_adam needs bitsandbytes: install it with `uv pip install bitsandbytes` "
+                "(CUDA only), or drop the flag to use AdamW"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (1-based): warmup, then constant/linear/cosine."""
+    base, warm = cfg.learning_rate, cfg.warmup_steps
+    if warm and step <= warm:
+        return base * step / warm
+    if cfg.lr_scheduler == "constant":
+        return base
+    span = max(total_steps - warm, 1)
+    progress = min(max(step - warm, 0) / span, 1.0)
+    if cfg.lr_scheduler == "linear":
+        return base * (1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
