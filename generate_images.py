@@ -13,7 +13,7 @@ import logging
 import sys
 
 from sdxl.generate.prompts import expand_prompts, read_prompt_file
-from sdxl.generate.run import GenerateConfig, generate_indices
+from sdxl.generate.run import GenerateConfig, generate_dataset
 from sdxl.schedulers import SAMPLERS
 
 
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained-model", default="./weights/sdxl-base-1.0",
                    help="diffusers folder, single-file .safetensors, or builtin:tiny")
+    p.add_argument("--lora-checkpoint", action="append", default=[],
+                   help="LoRA file (kohya .safetensors, lora_final.pt, PEFT); repeatable")
+    p.add_argument("--lora-scale", action="append", type=float, default=[],
+                   help="multiplier per --lora-checkpoint, in the same order (default 1.0)")
+    p.add_argument("--no-merge-lora", action="store_true",
+                   help="keep LoRAs as separate layers instead of merging them into the weights")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt, used for every image")
     prompt.add_argument("--prompt-file", help="text file, one prompt per line (blank lines skipped)")
@@ -58,24 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.num_gpus not in (None, 1):
-        raise SystemExit("--num-gpus > 1 is not supported yet by this version; use --num-gpus 1")
-    base = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
+    try:
+        cfg = config_from_args(args)
+        made = generate_dataset(cfg, args.num_gpus)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}") from None
+    total = len(cfg.prompts)
+    print(f"{made} new images in {args.output_dir} ({total - made} were already there)")
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     if args.prompt is not None and not args.prompt.strip():
-        raise SystemExit("--prompt is empty; give a prompt")
+        raise ValueError("--prompt is empty; give a prompt")
+    base = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
     prompts = expand_prompts(base, args.num_images, args.shuffle_prompts, args.seed)
+    if len(args.lora_scale) > len(args.lora_checkpoint):
+        raise ValueError("more --lora-scale values than --lora-checkpoint files")
+    scales = args.lora_scale + [1.0] * (len(args.lora_checkpoint) - len(args.lora_scale))
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise ValueError(f"--num-gpus must be at least 1, got {args.num_gpus}")
     width, height = args.image_size
-    cfg = GenerateConfig(
+    return GenerateConfig(
         pretrained_model=args.pretrained_model, output_dir=args.output_dir, prompts=tuple(prompts),
         negative_prompt=args.negative_prompt, width=width, height=height,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         sampler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
         precision=args.precision, device=args.device, save_metadata=args.save_metadata,
-        output_format=args.output_format,
+        output_format=args.output_format, loras=tuple(zip(args.lora_checkpoint, scales, strict=True)),
+        merge_loras=not args.no_merge_lora,
     )  # fmt: skip
-    made = generate_indices(cfg, list(range(len(prompts))))
-    print(f"{made} new images in {args.output_dir} ({len(prompts) - made} already there)")
-    return 0
 
 
 if __name__ == "__main__":

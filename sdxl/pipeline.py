@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 MIN_SIZE, MAX_SIZE = 64, 4096
 
 
+def check_image_size(width: int, height: int, factor: int = 8, trained: int | None = None) -> None:
+    """Reject sizes the VAE/UNet cannot take, with a message that says what would work."""
+    hint = f" (this model was trained at {trained})" if trained else ""
+    for name, value in (("width", width), ("height", height)):
+        if not (MIN_SIZE <= value <= MAX_SIZE) or value % factor:
+            raise ValueError(
+                f"{name}={value} is not a valid image size: use a multiple of {factor} between "
+                f"{MIN_SIZE} and {MAX_SIZE}{hint}"
+            )
+
+
 @dataclass
 class SDXLPipeline:
     """The loaded networks plus what the model folder says about sampling."""
@@ -66,14 +77,7 @@ class SDXLPipeline:
         return embeds.expand(batch, -1, -1), pooled.expand(batch, -1)
 
     def check_size(self, width: int, height: int) -> None:
-        """Reject sizes the VAE/UNet cannot take, with a message that says what would work."""
-        for name, value in (("width", width), ("height", height)):
-            if not (MIN_SIZE <= value <= MAX_SIZE) or value % self.vae_scale_factor:
-                raise ValueError(
-                    f"{name}={value} is not a valid image size: use a multiple of "
-                    f"{self.vae_scale_factor} between {MIN_SIZE} and {MAX_SIZE} "
-                    f"(this model was trained at {self.default_size})"
-                )
+        check_image_size(width, height, self.vae_scale_factor, self.default_size)
 
     @torch.inference_mode()
     def generate(

@@ -47,9 +47,12 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def write_item(out_dir: Path, stem: str, image: Image.Image, meta: dict, save_json: bool) -> None:
+def write_item(
+    out_dir: Path, stem: str, image: Image.Image, meta: dict, save_json: bool, caption: bool = True
+) -> None:
     """Write NNNNN.txt, optional NNNNN.json, then NNNNN.png last (its presence marks done)."""
-    atomic_write_text(out_dir / f"{stem}.txt", meta["prompt"])
+    if caption:
+        atomic_write_text(out_dir / f"{stem}.txt", meta["prompt"])
     if save_json:
         atomic_write_text(out_dir / f"{stem}.json", json.dumps(meta, indent=2))
     save_png(image, out_dir / f"{stem}.png", meta)

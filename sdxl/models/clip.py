@@ -20,21 +20,23 @@ IGNORED_KEYS = ("text_model.embeddings.position_ids",)
 
 _ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
 _ACTIVATIONS = ("quick_gelu", "gelu")
-# config.json entries that describe initialisation, tokens or provenance, not the network.
-_BOOKKEEPING = {
-    "architectures",
-    "bos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "initializer_factor",
-    "torch_dtype",
-    "dtype",
-    "transformers_version",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "use_cache",
-}
+# config.json entries that describe initialisation, tokens, provenance or generation defaults
+# (older transformers wrote every PretrainedConfig attribute), not the network.
+_BOOKKEEPING = frozenset(
+    """
+    architectures bos_token_id pad_token_id sep_token_id decoder_start_token_id
+    initializer_range initializer_factor torch_dtype dtype transformers_version use_bfloat16
+    output_attentions output_hidden_states return_dict use_cache torchscript pruned_heads
+    chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention
+    cross_attention_hidden_size tie_encoder_decoder tie_word_embeddings id2label label2id
+    problem_type finetuning_task tokenizer_class prefix task_specific_params tf_legacy_loss
+    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty
+    temperature top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size
+    encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores
+    return_dict_in_generate forced_bos_token_id forced_eos_token_id remove_invalid_values
+    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+    """.split()
+)
 _ONLY_SUPPORTED = {"model_type": "clip_text_model", "dropout": 0.0, "attention_dropout": 0.0}
 
 
