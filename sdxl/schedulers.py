@@ -93,10 +93,10 @@ class SchedulerConfig:
             "timestep_spacing": SPACINGS,
             "interpolation_type": ("linear", "log_linear"),
         }
+        if self.trained_betas is not None:  # explicit betas replace the named schedule
+            del allowed["beta_schedule"]
         for key, values in allowed.items():
-            if getattr(self, key) not in values and not (
-                key == "beta_schedule" and self.trained_betas is not None
-            ):
+            if getattr(self, key) not in values:
                 raise ValueError(
                     f"scheduler config: {key}={getattr(self, key)!r} is not supported; use one of {values}"
                 )
@@ -112,7 +112,7 @@ class SchedulerConfig:
         implement raise ValueError.
         """
         for key, (supported, read_by) in _FIXED.items():
-            reads = family in read_by if family else read_by is _ALL
+            reads = family in read_by if family else read_by == _ALL
             if reads and key in config and config[key] not in supported:
                 who = f"the {family!r} sampler" if family else "the noise schedule"
                 raise ValueError(
@@ -309,7 +309,9 @@ def ddim_schedule(
 
 def _tensors(device: torch.device, *arrays: np.ndarray) -> tuple[Tensor, ...]:
     """fp32 device tensors from host schedule arrays (one copy per call, none in the loop)."""
-    return tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device) for a in arrays)
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device) for a in arrays
+    )
 
 
 # --------------------------------------------------------------------------- denoiser + samplers
@@ -477,12 +479,11 @@ def _run_ddpm(model, noise, num_steps, config, noise_fn, progress) -> Tensor:
     sigmas, timesteps = _tensors(noise.device, sigmas_np, t_np)
     d = denoiser(model, cfg.prediction_type)
     d = clipped(d, cfg.clip_sample_range) if cfg.clip_sample else d
-    last_zero = t_np[-1] == 0  # diffusers draws no noise at t = 0 (its weight is 0 anyway)
-    draw = (
-        (lambda i: torch.zeros_like(noise) if i == num_steps - 1 else noise_fn(i))
-        if last_zero
-        else noise_fn
-    )
+
+    def draw(i: int) -> Tensor:
+        """diffusers draws no noise for a step at t = 0 (its weight is 0 there anyway)."""
+        return torch.zeros_like(noise) if t_np[i] == 0 else noise_fn(i)
+
     x = noise * _init_scale(sigmas[0], True)
     return sample_euler_ancestral(d, x, sigmas, timesteps, draw, progress=progress)
 

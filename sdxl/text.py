@@ -45,17 +45,17 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], warn: bool = True
 def _warn_truncated(tokenizer: CLIPTokenizer, prompts: list[str]) -> None:
     """One warning naming, per over-long prompt, how many tokens were dropped and their text."""
     full = tokenizer(prompts, truncation=False, verbose=False).input_ids  # with BOS/EOS
-    dropped = [
-        (i, len(ids) - MAX_LENGTH, tokenizer.decode(ids[MAX_LENGTH - 1 : -1]))
-        for i, ids in enumerate(full)
-        if len(ids) > MAX_LENGTH
-    ]
-    if dropped:
-        details = "; ".join(f"prompt {i}: {n} tokens dropped: {text!r}" for i, n, text in dropped)
+    details = []
+    for i, ids in enumerate(full):
+        if len(ids) > MAX_LENGTH:
+            lost = ids[MAX_LENGTH - 1 : -1]  # what fell between the kept tokens and EOS
+            text = tokenizer.decode(lost, clean_up_tokenization_spaces=False)
+            details.append(f"prompt {i}: {len(lost)} tokens dropped: {text!r}")
+    if details:
         logger.warning(
             "Prompt truncated: CLIP can only handle sequences up to %d tokens (%s)",
             MAX_LENGTH,
-            details,
+            "; ".join(details),
         )
 
 

@@ -112,7 +112,7 @@ def find_component_weights(folder: str | Path, variant: str | None = None) -> Pa
     if found is not None:
         return found
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    wanted = f"the {variant} variant " if variant else ""
+    wanted = f"{variant}-variant " if variant else ""
     hint = (
         "; only .bin weights were found: convert them to safetensors"
         if any(n.endswith(".bin") for n in present)
@@ -140,6 +140,18 @@ def _shard_paths(index: Path) -> list[Path]:
     return shards
 
 
+def load_weights(
+    path: Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a single `.safetensors` file or every shard of a `*.index*.json`."""
+    if not path.name.endswith(".json"):
+        return load_state_dict_file(path, device, dtype)
+    sd: dict[str, torch.Tensor] = {}
+    for shard in _shard_paths(path):
+        sd.update(load_state_dict_file(shard, device, dtype))
+    return sd
+
+
 def load_component_state_dict(
     folder: str | Path,
     variant: str | None = None,
@@ -148,13 +160,7 @@ def load_component_state_dict(
     dtype: str | torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a component folder's weights (single file or every shard of an index)."""
-    path = find_component_weights(folder, variant)
-    if not path.name.endswith(".json"):
-        return load_state_dict_file(path, device, dtype)
-    sd: dict[str, torch.Tensor] = {}
-    for shard in _shard_paths(path):
-        sd.update(load_state_dict_file(shard, device, dtype))
-    return sd
+    return load_weights(find_component_weights(folder, variant), device, dtype)
 
 
 # ----------------------------------------------------------------------------- models
@@ -186,7 +192,7 @@ def _check_declared_class(name: str, config: dict, source: str) -> None:
     got_list = got if isinstance(got, list) else [got]
     if want not in got_list:
         raise WeightsError(
-            f"{source}: {field}={got!r} but {name}/ must hold a {want}; "
+            f"{source}: {field}={got!r} but {name}/ must hold a {want} config; "
             "the folder is not an SDXL base model (or its components are mixed up)"
         )
 
@@ -233,6 +239,7 @@ def _align_keys(sd: dict, expected: dict, is_text: bool) -> dict:
 
 
 def _examples(keys: list[str]) -> str:
+    """A few keys, enough to recognise the problem without flooding the terminal."""
     return ", ".join(sorted(keys)[:5])
 
 
@@ -314,8 +321,7 @@ def load_component(
     config_path = folder / "config.json"
     model = build_on_meta(name, _read_config(config_path), str(config_path))
     weights = find_component_weights(folder, variant)
-    sd = load_component_state_dict(folder, variant, device=device, dtype=dtype)
-    return assign_state_dict(model, sd, str(weights), name)
+    return assign_state_dict(model, load_weights(weights, device, dtype), str(weights), name)
 
 
 def load_components(

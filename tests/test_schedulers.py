@@ -29,15 +29,23 @@ REFERENCE = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
 MIX = torch.tensor(
-    [[0.8, -0.3, 0.2, 0.1], [0.25, 0.7, -0.2, 0.15], [-0.1, 0.3, 0.9, -0.25], [0.2, -0.15, 0.1, 0.6]]
+    [
+        [0.8, -0.3, 0.2, 0.1],
+        [0.25, 0.7, -0.2, 0.15],
+        [-0.1, 0.3, 0.9, -0.25],
+        [0.2, -0.15, 0.1, 0.6],
+    ]
 )
 
 
 def analytic_model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A smooth deterministic stand-in for the UNet: per-channel mixing, nonlinear in x and t."""
-    s = t.to(torch.float32).reshape(-1, 1, 1, 1) / 1000.0
+    t = t.to(torch.float32).reshape(-1, 1, 1, 1)
     mixed = torch.einsum("oc,bchw->bohw", MIX, x_in.float())
-    return torch.tanh(mixed) * (0.6 + 0.3 * torch.cos(3.0 * s)) + 0.2 * torch.sin(2.0 * x_in + s)
+    # cos(0.05 t) makes the output sensitive to fractional timesteps (a wrong rounding shows).
+    return torch.tanh(mixed) * (0.6 + 0.3 * torch.cos(0.05 * t)) + 0.2 * torch.sin(
+        2.0 * x_in + t / 1000
+    )
 
 
 def generators() -> list[torch.Generator]:
@@ -45,11 +53,11 @@ def generators() -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
 
 
-def run_diffusers(name: str, config: dict, num_steps: int) -> torch.Tensor:
+def run_diffusers(name: str, config: dict, num_steps: int, gens=None) -> torch.Tensor:
     """The diffusers pipeline loop, generators used first for the initial noise as the pipeline does."""
     cls, overrides = REFERENCE[name]
     sched = cls.from_config({**config, **overrides})
-    gens = generators()
+    gens = generators() if gens is None else gens
     noise = randn_tensor(SHAPE, generator=gens, dtype=torch.float32)
     sched.set_timesteps(num_steps)
     latents = noise * sched.init_noise_sigma
@@ -60,9 +68,9 @@ def run_diffusers(name: str, config: dict, num_steps: int) -> torch.Tensor:
     return latents
 
 
-def run_ours(name: str, config: dict, num_steps: int) -> torch.Tensor:
+def run_ours(name: str, config: dict, num_steps: int, gens=None) -> torch.Tensor:
     """Our entry point with the same seeds and the same initial noise draw."""
-    gens = generators()
+    gens = generators() if gens is None else gens
     noise = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
     return schedulers.sample(name, analytic_model, noise, num_steps, config, generators=gens)
 
@@ -116,9 +124,23 @@ def test_class_defaults_apply_to_missing_keys():
 
 
 def test_many_steps_match_diffusers():
-    """Long schedules: DPM++ switches to its 15+ step behaviour, Karras timesteps may repeat."""
-    for name in ("dpmpp_2m", "dpmpp_2m_karras", "euler_a"):
-        assert_close(run_ours(name, SCHEDULER, 50), run_diffusers(name, SCHEDULER, 50))
+    """A long Karras DPM++ schedule, where rounded timesteps near t=0 repeat."""
+    assert_close(
+        run_ours("dpmpp_2m_karras", SCHEDULER, 50), run_diffusers("dpmpp_2m_karras", SCHEDULER, 50)
+    )
+
+
+@pytest.mark.parametrize(
+    "name, spacing", [("euler_a", "leading"), ("ddpm", "leading"), ("ddpm", "linspace")]
+)
+def test_generators_advance_as_in_diffusers(name, spacing):
+    """Each generator makes exactly diffusers' draws, so its next number is the same afterwards."""
+    config = {**SCHEDULER, "timestep_spacing": spacing}
+    ours, ref = generators(), generators()
+    run_ours(name, config, 5, ours)
+    run_diffusers(name, config, 5, ref)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b))
 
 
 def test_sampler_is_stateless():
@@ -136,7 +158,12 @@ def test_ancestral_noise_is_per_image():
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     pair = schedulers.sample("euler_a", analytic_model, noise, 8, SCHEDULER, generators())
     alone = schedulers.sample(
-        "euler_a", analytic_model, noise[1:], 8, SCHEDULER, [torch.Generator().manual_seed(SEEDS[1])]
+        "euler_a",
+        analytic_model,
+        noise[1:],
+        8,
+        SCHEDULER,
+        [torch.Generator().manual_seed(SEEDS[1])],
     )
     assert torch.equal(pair[1:], alone)
 
@@ -179,7 +206,9 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="generators"):
         schedulers.sample("euler_a", analytic_model, noise, 4, SCHEDULER, generators()[:1])
     with pytest.raises(ValueError, match="prediction_type"):
-        schedulers.sample("euler", analytic_model, noise, 4, {**SCHEDULER, "prediction_type": "sample"})
+        schedulers.sample(
+            "euler", analytic_model, noise, 4, {**SCHEDULER, "prediction_type": "sample"}
+        )
 
 
 def test_unsupported_config_values_name_the_key():
@@ -207,13 +236,17 @@ def test_noise_schedule_matches_ddpm_scheduler(beta_schedule):
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
     t = torch.tensor([3, 917])
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=0, atol=0)
-    torch.testing.assert_close(ours.velocity(x0, noise, t), ref.get_velocity(x0, noise, t), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        ours.velocity(x0, noise, t), ref.get_velocity(x0, noise, t), rtol=0, atol=0
+    )
     assert torch.equal(ours.target(x0, noise, t, "epsilon"), noise)
     assert torch.equal(ours.target(x0, noise, t, "v_prediction"), ours.velocity(x0, noise, t))
-    a = ref.alphas_cumprod[t]
-    torch.testing.assert_close(ours.snr(t), a / (1 - a), rtol=1e-6, atol=0)
-    torch.testing.assert_close(ours.sigmas, ((1 - a.new_tensor(ref.alphas_cumprod)) / ref.alphas_cumprod) ** 0.5)
+    a = ref.alphas_cumprod
+    torch.testing.assert_close(ours.snr(t), a[t] / (1 - a[t]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.sigmas, ((1 - a) / a) ** 0.5, rtol=0, atol=0)
     with pytest.raises(ValueError, match="prediction_type"):
         ours.target(x0, noise, t, "sample")
 
@@ -226,4 +259,6 @@ def test_noise_schedule_scalar_t_and_device_move():
     torch.testing.assert_close(ours.add_noise(x0, noise, t), expected.expand(SHAPE))
     assert ours.snr(torch.tensor([0, 999])).shape == (2,)
     meta = ours.to("meta")
-    assert meta.add_noise(x0.to("meta"), noise.to("meta"), torch.tensor([1, 2], device="meta")).is_meta
+    assert meta.add_noise(
+        x0.to("meta"), noise.to("meta"), torch.tensor([1, 2], device="meta")
+    ).is_meta

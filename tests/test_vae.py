@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL as RefVAE
 from safetensors.torch import load_file
 
+import sdxl.models.vae as vae_module
 from sdxl.models.configs import SDXL_BASE, TINY, component_config
 from sdxl.models.vae import AutoencoderKL, VAEConfig, sample_latent
 
@@ -199,21 +200,41 @@ def test_tiled_decode_matches_diffusers_tiling(tiny, shape):
     torch.testing.assert_close(sliced, out, rtol=1e-5, atol=1e-5)
 
 
-@torch.no_grad()
-def test_tiled_decode_is_close_to_full_decode(tiny):
-    """Tiles see less context and their own GroupNorm statistics, so they differ a little.
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root-mean-square difference relative to the reference's root-mean-square."""
+    return ((a - b).pow(2).mean() / b.pow(2).mean()).sqrt().item()
 
-    Smooth latents (as real ones are) keep per-tile statistics near the global ones; the
-    measured relative RMS difference here is ~2%, far below the ~100% of an unrelated image,
-    so 10% catches broken blending/cropping (a seam or shifted tile) while allowing tiling's
-    inherent error.
+
+def row_jumps(img: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixel rows, one value per row boundary."""
+    return (img[:, :, 1:] - img[:, :, :-1]).abs().mean(dim=(0, 1, 3))
+
+
+@torch.no_grad()
+def test_tiled_decode_is_close_to_full_decode(tiny, monkeypatch):
+    """Tiling is an approximation: each tile sees less context and its own GroupNorm statistics.
+
+    A random-weight decoder has a receptive field of ~10 latent pixels each side plus global
+    GroupNorm/attention, so at test sizes tiles cannot match closely (measured: rel. RMS ~0.8
+    at tile 8, ~0.5 at tile 12, ~0.3 at tile 16 on a 16x24 latent). So we assert what must hold:
+    the error shrinks as tiles grow, linear blending beats hard-cut tiles, seams are no rougher
+    than ordinary neighbouring rows, and a latent that fits one tile decodes exactly.
     """
     ours, _ = tiny
-    z = torch.nn.functional.interpolate(latents(1, 4, 6, 8, seed=7), size=(24, 32), mode="bicubic")
+    z = latents(1, 4, 16, 24, seed=7)
     full = ours.decode(z)
-    tiled = ours.decode(z, tile=True, tile_size=12)
-    rms = ((tiled - full).pow(2).mean() / full.pow(2).mean()).sqrt().item()
-    assert rms < 0.1
+    errs = [rel_rms(ours.decode(z, tile=True, tile_size=t), full) for t in (8, 12, 16)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.5, errs
+
+    tiled = ours.decode(z, tile=True, tile_size=12)  # stride 9 latents -> seams every 72 px
+    seams = [72 - 1]
+    assert row_jumps(tiled)[seams].max() < 1.3 * row_jumps(full).mean()
+    monkeypatch.setattr(vae_module, "_blend", lambda a, b, extent, dim: b)
+    hard = ours.decode(z, tile=True, tile_size=12)
+    assert row_jumps(hard)[seams].max() > 1.3 * row_jumps(full).mean()  # the check can fail
+    assert rel_rms(tiled, full) < rel_rms(hard, full)
+    monkeypatch.undo()
+
     small = latents(1, 4, 10, 12)
     torch.testing.assert_close(ours.decode(small, tile=True), ours.decode(small), rtol=0, atol=0)
     with pytest.raises(ValueError, match="tile_size"):

@@ -114,9 +114,9 @@ def _write_shard(out_dir: Path, shard: int, tensors: dict[str, torch.Tensor], me
 
 
 def _release_memory(device: str | torch.device) -> None:
-    """Give freed model memory back (call after `del model`), so the next stage starts clean."""
-    gc.collect()
+    """Give a deleted model's GPU memory back, so the next stage (training) starts clean."""
     if torch.device(device).type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

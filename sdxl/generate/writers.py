@@ -15,14 +15,20 @@ def index_width(num_images: int) -> int:
     return max(5, len(str(max(num_images - 1, 0))))
 
 
+_A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed",
+               "size": "Size", "model": "Model", "lora": "Lora"}  # fmt: skip
+
+
 def parameters_text(meta: dict) -> str:
-    """A1111-style 'parameters' text: prompt, negative prompt, then key: value settings."""
+    """A1111's 'parameters' text: prompt, 'Negative prompt: ...', then 'Key: value' settings."""
     settings = ", ".join(
-        f"{k}: {meta[k]}"
-        for k in ("steps", "sampler", "cfg_scale", "seed", "size", "model", "lora")
-        if meta.get(k) not in (None, "")
+        f"{label}: {meta[key]}"
+        for key, label in _A1111_KEYS.items()
+        if meta.get(key) not in (None, "")
     )
-    negative = f"\nNegative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else ""
+    negative = (
+        f"\nNegative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else ""
+    )
     return f"{meta['prompt']}{negative}\n{settings}"
 
 

@@ -1,0 +1,39 @@
+# The SDXL LoRA pipeline: weights -> validated dataset -> latent and text caches -> LoRA
+# training -> sharded generation -> one COCO dataset -> report.
+#
+#   snakemake --profile profiles/demo                      # tiny CPU demo, a few minutes
+#   snakemake --cores all --resources gpu=4                # this config.yaml on a GPU box
+#   snakemake --workflow-profile profiles/slurm            # a SLURM cluster
+#   snakemake --report results/report.html                 # the report of the last run
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/weights.smk"
+include: "rules/data.smk"
+include: "rules/cache.smk"
+include: "rules/train.smk"
+include: "rules/generate.smk"
+include: "rules/report.smk"
+
+
+localrules:
+    all,
+    weights,
+    merge_latents,
+    report,
+
+
+rule all:
+    default_target: True
+    input:
+        rules.assemble.output,
+        rules.report.output,

@@ -1,0 +1,106 @@
+"""What every rule script does first, and the few pieces several scripts share.
+
+Scripts import this before anything else: it sends all output to the rule's log, makes the
+`sdxl` package beside the workflow importable (also inside a conda env), and claims the GPUs
+the rule asked for before torch is imported.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FINGERPRINT = "job-fingerprint.txt"
+
+
+def start(snakemake, gpus: int = 0):
+    """Log to the rule's log file and claim `gpus` GPUs; returns the sdxl.devices.Claim."""
+    log = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115 -- open for the whole job
+    os.dup2(log.fileno(), 1)  # also catches C-level output and child processes
+    os.dup2(log.fileno(), 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from sdxl.devices import claim_devices
+
+    claim = claim_devices(gpus)
+    logging.info(
+        "rule %s on %s (%s)", snakemake.rule, ",".join(claim.devices) or "cpu", claim.source
+    )
+    return claim
+
+
+def precision(claim, wanted: str) -> str:
+    """The asked precision on GPU; fp32 on the CPU, where half precision is slow or missing."""
+    return wanted if claim.devices else "fp32"
+
+
+def job_fingerprint(snakemake) -> str:
+    """sha256 of the job's rule, wildcards, params and input files: equal means 'same job'.
+
+    Folders among the inputs are skipped; their content is summarised by a manifest input.
+    """
+    digest = hashlib.sha256()
+    head = {
+        "rule": snakemake.rule,
+        "wildcards": dict(snakemake.wildcards.items()),
+        "params": dict(snakemake.params.items()),
+    }
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for path in sorted({str(p) for p in snakemake.input}):
+        if os.path.isfile(path):
+            digest.update(path.encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def resume_or_restart(folder, fingerprint: str) -> bool:
+    """Keep `folder`'s partial work only if the same job made it; True when resuming.
+
+    A killed job rerun with the same inputs and params resumes (checkpoints, finished
+    images); anything else finds an emptied folder and starts over.
+    """
+    folder = Path(folder)
+    marker = folder / FINGERPRINT
+    if marker.is_file() and marker.read_text().strip() == fingerprint:
+        logging.info("resuming the work already in %s (same inputs and settings)", folder)
+        return True
+    if folder.exists():
+        logging.info("clearing %s: it was made by another version of this job", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    marker.write_text(fingerprint + "\n")
+    return False
+
+
+def shard_indices(count: int, shard: int, num_shards: int) -> list[int]:
+    """The contiguous share of image indices 0..count-1 that shard `shard` makes."""
+    return list(range(shard * count // num_shards, (shard + 1) * count // num_shards))
+
+
+def generation_config(settings: dict, inputs, output_dir, device: str = "cpu"):
+    """The GenerateConfig of config.yaml's `generate` section for this workflow's files."""
+    from sdxl.generate.prompts import expand_prompts, read_prompt_file
+    from sdxl.generate.run import GenerateConfig
+
+    hp = dict(settings)
+    del hp["prompts_file"], hp["shards"]  # the file is an input; shards only split the work
+    prompts = expand_prompts(read_prompt_file(inputs.prompts), hp.pop("num_images"),
+                             hp.pop("shuffle_prompts"), hp["seed"])  # fmt: skip
+    return GenerateConfig(
+        pretrained_model=str(inputs.model),
+        output_dir=str(output_dir),
+        prompts=tuple(prompts),
+        loras=((str(inputs.lora), hp.pop("lora_scale")),),
+        merge_loras=hp.pop("merge_lora"),
+        device=device,
+        output_format="coco",
+        **hp,
+    )

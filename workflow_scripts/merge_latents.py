@@ -1,0 +1,15 @@
+"""merge_latents: write the latent cache's index.json once every shard is built."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common import start
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+start(snakemake)
+
+from sdxl.data.cache import merge_latent_index  # noqa: E402
+
+merge_latent_index(Path(snakemake.output.index).parent, num_shards=len(snakemake.input.meta))

@@ -1,0 +1,20 @@
+"""report: the loss curve, the configuration page and the validation grids of the run."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common import start
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+start(snakemake)
+
+from sdxl.report import build_report  # noqa: E402
+
+run_dir = Path(snakemake.input.lora).parent
+build_report(
+    run_dir / "metrics.csv", run_dir / "samples", snakemake.params.config,
+    loss_svg=snakemake.output.loss, config_html=snakemake.output.config,
+    validation_dir=snakemake.output.validation,
+)  # fmt: skip
