@@ -3,8 +3,6 @@ wildcard_constraints:
 
 
 rule cache_latents:
-    message:
-        "Caching VAE latents, shard {wildcards.shard}"
     input:
         manifest=rules.validate_captions.output.manifest,
         model=rules.weights.output.model,
@@ -12,24 +10,26 @@ rule cache_latents:
     output:
         tensors=f"{CACHE_DIR}/latents/shard-{{shard}}.safetensors",
         meta=f"{CACHE_DIR}/latents/shard-{{shard}}.json",
-    params:
-        latents=config["cache"]["latents"],
-    resources:
-        gpu=1,
-    threads: 4
     log:
         log_file("cache_latents/shard-{shard}"),
     conda:
         "../envs/torch.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        latents=config["cache"]["latents"],
+    message:
+        "Caching VAE latents, shard {wildcards.shard}"
     script:
         "../workflow_scripts/cache_latents.py"
 
 
 rule merge_latents:
-    message:
-        "Writing the index of the latent cache"
     input:
-        tensors=expand(f"{CACHE_DIR}/latents/shard-{{shard}}.safetensors", shard=LATENT_SHARDS),
+        tensors=expand(
+            f"{CACHE_DIR}/latents/shard-{{shard}}.safetensors", shard=LATENT_SHARDS
+        ),
         meta=expand(f"{CACHE_DIR}/latents/shard-{{shard}}.json", shard=LATENT_SHARDS),
         code=code("merge"),
     output:
@@ -38,27 +38,29 @@ rule merge_latents:
         log_file("merge_latents"),
     conda:
         "../envs/torch.yaml"
+    message:
+        "Writing the index of the latent cache"
     script:
         "../workflow_scripts/merge_latents.py"
 
 
 rule cache_text:
-    message:
-        "Caching the text embeddings of the captions"
     input:
         manifest=rules.validate_captions.output.manifest,
         model=rules.weights.output.model,
         code=code("text"),
     output:
         index=f"{CACHE_DIR}/text/index.json",
-    params:
-        text=config["cache"]["text"],
-    resources:
-        gpu=1,
-    threads: 4
     log:
         log_file("cache_text"),
     conda:
         "../envs/torch.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        text=config["cache"]["text"],
+    message:
+        "Caching the text embeddings of the captions"
     script:
         "../workflow_scripts/cache_text.py"

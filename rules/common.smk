@@ -23,7 +23,13 @@ GENERATE_SHARDS = [str(k) for k in range(config["generate"]["shards"])]
 # left out on purpose: which device ran a job does not change its results.
 CODE = {
     "weights": ["prepare.py", "hub.py", "weights.py", "convert.py", "utils.py"],
-    "tiny": ["tiny.py", "models/configs.py", "models/unet.py", "models/vae.py", "models/clip.py"],
+    "tiny": [
+        "tiny.py",
+        "models/configs.py",
+        "models/unet.py",
+        "models/vae.py",
+        "models/clip.py",
+    ],
     "validate": ["data/dataset.py", "text.py", "utils.py"],
     "latents": ["data/cache.py", "data/buckets.py", "data/transforms.py", "data/dataset.py",
                 "models/vae.py", "weights.py", "convert.py", "utils.py"],  # fmt: skip
@@ -69,7 +75,9 @@ def dataset_files(wildcards):
     """Every image and caption file of the dataset: adding or editing one reruns validation."""
     root = config["data"]["dir"]
     if not os.path.isdir(root):
-        raise ValueError(f"data.dir: {root} is not a folder; point it at your image+caption folder")
+        raise ValueError(
+            f"data.dir: {root} is not a folder; point it at your image+caption folder"
+        )
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

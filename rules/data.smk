@@ -1,6 +1,4 @@
 rule validate_captions:
-    message:
-        "Validating the images and captions of {params.data[dir]}"
     input:
         data=dataset_files,
         model=rules.weights.output.model,
@@ -13,11 +11,13 @@ rule validate_captions:
             caption="../report/problems.rst",
             category="Dataset",
         ),
-    params:
-        data=config["data"],
     log:
         log_file("validate_captions"),
     conda:
         "../envs/torch.yaml"
+    params:
+        data=config["data"],
+    message:
+        "Validating the images and captions of {params.data[dir]}"
     script:
         "../workflow_scripts/validate_captions.py"

@@ -1,6 +1,4 @@
 rule generate:
-    message:
-        "Generating images, shard {wildcards.shard}"
     input:
         lora=rules.train_lora.output.lora,
         model=rules.weights.output.model,
@@ -10,22 +8,22 @@ rule generate:
     # The images go to the folder beside this file (not declared, so a killed job resumes).
     output:
         done=f"{GENERATE_DIR}/shard-{{shard}}.json",
-    params:
-        generate=config["generate"],
-    resources:
-        gpu=1,
-    threads: 4
     log:
         log_file("generate/shard-{shard}"),
     conda:
         "../envs/torch.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        generate=config["generate"],
+    message:
+        "Generating images, shard {wildcards.shard}"
     script:
         "../workflow_scripts/generate.py"
 
 
 rule assemble:
-    message:
-        "Assembling the generated images into one COCO dataset"
     input:
         shards=expand(f"{GENERATE_DIR}/shard-{{shard}}.json", shard=GENERATE_SHARDS),
         lora=rules.train_lora.output.lora,
@@ -40,11 +38,13 @@ rule assemble:
             caption="../report/contact_sheet.rst",
             category="Generated dataset",
         ),
-    params:
-        generate=config["generate"],
     log:
         log_file("assemble"),
     conda:
         "../envs/torch.yaml"
+    params:
+        generate=config["generate"],
+    message:
+        "Assembling the generated images into one COCO dataset"
     script:
         "../workflow_scripts/assemble.py"

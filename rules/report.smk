@@ -1,6 +1,4 @@
 rule report:
-    message:
-        "Drawing the loss curve and collecting the report pieces"
     input:
         lora=rules.train_lora.output.lora,
         code=code("report"),
@@ -23,11 +21,13 @@ rule report:
             subcategory="Validation grids",
             labels={"grid": "{name}"},
         ),
-    params:
-        config=config,
     log:
         log_file("report"),
     conda:
         "../envs/torch.yaml"
+    params:
+        config=config,
+    message:
+        "Drawing the loss curve and collecting the report pieces"
     script:
         "../workflow_scripts/report.py"

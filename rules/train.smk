@@ -1,6 +1,4 @@
 rule train_lora:
-    message:
-        "Training the LoRA of run {config[run]} (rerun after a kill: resumes from the last checkpoint)"
     input:
         latents=rules.merge_latents.output.index,
         text=rules.cache_text.output.index,
@@ -13,14 +11,16 @@ rule train_lora:
         lora=f"{TRAIN_DIR}/lora_final.safetensors",
         lora_pt=f"{TRAIN_DIR}/lora_final.pt",
         config=f"{TRAIN_DIR}/config.json",
-    params:
-        train=train_settings(),
-    resources:
-        gpu=1,
-    threads: 8
     log:
         log_file(f"train_lora/{config['run']}"),
     conda:
         "../envs/torch.yaml"
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        train=train_settings(),
+    message:
+        "Training the LoRA of run {config[run]} (rerun after a kill: resumes from the last checkpoint)"
     script:
         "../workflow_scripts/train_lora.py"

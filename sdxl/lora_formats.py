@@ -289,8 +289,9 @@ def kohya_metadata(
 ) -> dict[str, str]:
     """The SDXL header kohya writes (all strings), updated with `extra`."""
     weights = split_lora_state(state)
-    linear = [w for w in weights.values() if w.down.ndim == 2 or w.down.shape[2:] == (1, 1)]
-    conv = [w for w in weights.values() if w not in linear]
+    linear, conv = [], []
+    for w in weights.values():
+        (linear if w.down.ndim == 2 or w.down.shape[2:] == (1, 1) else conv).append(w)
     dim, alpha = _most_common(linear or conv)
     meta = {
         "ss_network_module": "networks.lora",

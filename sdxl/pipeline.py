@@ -48,6 +48,7 @@ class SDXLPipeline:
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool = True
     source: str = ""
+    sample_size: int = 128  # the UNet config's latent size: the resolution SDXL was trained at
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +64,7 @@ class SDXLPipeline:
 
     @property
     def default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.sample_size * self.vae_scale_factor
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt embeds (B,77,D), pooled (B,P)) for the prompts."""
@@ -258,6 +259,8 @@ def _assemble(modules: dict, config_dir: Path, source: str) -> SDXLPipeline:
             raise WeightsError(f"{f}: missing; the model folder must be in diffusers layout "
                                "(download it again with download_weights.sh)")  # fmt: skip
     index = json.loads(index_file.read_text())
+    unet_config = config_dir / "unet" / "config.json"
+    sample_size = json.loads(unet_config.read_text()).get("sample_size", 128) if unet_config.exists() else 128
     return SDXLPipeline(
         unet=modules["unet"],
         vae=modules["vae"],
@@ -266,4 +269,5 @@ def _assemble(modules: dict, config_dir: Path, source: str) -> SDXLPipeline:
         scheduler_config=json.loads(sched_file.read_text()),
         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
         source=source,
+        sample_size=sample_size,
     )

@@ -21,12 +21,12 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sdxl.hub import SDXL_BASE_REPO, select_files
 from sdxl.tiny import BUILTIN_TINY
-from sdxl.utils import atomic_write_text
+from sdxl.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +229,11 @@ def convert_single_file(path: Path, model_dir: Path, configs: Path) -> None:
         (model_dir / name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(configs / name / "config.json", model_dir / name / "config.json")
         state = {k: v.contiguous() for k, v in modules.pop(name).state_dict().items()}
-        save_file(state, str(model_dir / name / f"{stem}.safetensors"), metadata={"format": "pt"})
+        with atomic_path(model_dir / name / f"{stem}.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
     for part in _CONFIG_PARTS:
         shutil.copytree(configs / part, model_dir / part, dirs_exist_ok=True)
-    shutil.copyfile(configs / "model_index.json", model_dir / "model_index.json")
+    shutil.copyfile(configs / "model_index.json", model_dir / "model_index.json")  # last: done
 
 
 def prepare_weights(
@@ -263,17 +264,15 @@ def prepare_weights(
     return model_dir
 
 
-def model_config(cfg: WeightsConfig) -> dict:
-    """The settings as a plain dict (what the manifest and the logs show)."""
-    return asdict(cfg)
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Download or prepare SDXL weights (diffusers layout).")
+    p = argparse.ArgumentParser(
+        prog="download_weights.sh",
+        description="Download or prepare SDXL weights (diffusers layout).",
+    )
     p.add_argument("--dir", default="weights/sdxl-base-1.0", help="model folder to fill")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--repo", default=SDXL_BASE_REPO, help="Hugging Face repo id")

@@ -262,7 +262,8 @@ def euler_schedule(
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
     else:  # log_linear: N+1 levels evenly spaced in log sigma, independent of the timesteps
         lo, hi = float(np.log(train[-1])), float(np.log(train[0]))
-        sigmas = torch.linspace(lo, hi, num_steps + 1, dtype=torch.float32).exp().numpy()
+        sigmas = torch.linspace(lo, hi, num_steps + 1, dtype=torch.float32, device="cpu")
+        sigmas = sigmas.exp().numpy()
     if karras:
         s_min = cfg.sigma_min if cfg.sigma_min is not None else float(sigmas[-1])
         s_max = cfg.sigma_max if cfg.sigma_max is not None else float(sigmas[0])

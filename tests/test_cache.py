@@ -96,7 +96,7 @@ def test_index_lists_every_item_and_flip_variant(built, items):
     assert index["scaled"] is True and index["scaling_factor"] == pytest.approx(0.13025)
     assert index["settings"] == {
         "image_size": IMAGE_SIZE, "crop": "random", "flip": True, "seed": SEED,
-        "scaling_factor": index["scaling_factor"],
+        "scaling_factor": index["scaling_factor"], "vae": None,
     }  # fmt: skip
     keys = [r["key"] for r in index["items"]]
     assert keys == [f"{i:06d}{s}" for i in range(len(items)) for s in ("", "-flip")]
@@ -145,6 +145,8 @@ def test_buckets_and_variants(built, items):
             assert bucket == assign_bucket(it.width, it.height, make_buckets(IMAGE_SIZE))
     assert set(groups) == {(192, 192), (256, 128), (128, 256)}
     assert ds.variants()["000003"] == [6, 7]
+    assert [ds.is_flipped(i) for i in (6, 7)] == [False, True]
+    assert ds.source(6) == ds.source(7) == items[3].key
 
 
 def test_text_embeddings_equal_encode_prompts(built, items, text_models):
@@ -269,6 +271,21 @@ def test_center_crop_without_flip(items, tiny_dir, tmp_path):
         _, cond = transform_image(load_image(it.path), bucket)
         assert r["crop_top_left"] == list(cond.crop_top_left)
         assert r["original_size"] == [it.height, it.width]
+
+
+def test_separate_vae_folder(built, items, tiny_dir, tmp_path):
+    vae_dir = tmp_path / "sdxl-vae"
+    shutil.copytree(tiny_dir / "vae", vae_dir)  # config.json + weights at the top, like a hub VAE
+    latents = build_latent_cache(
+        items[:1], tiny_dir, tmp_path / "latents", image_size=IMAGE_SIZE, random_crop=True,
+        flip=True, seed=SEED, progress=False, vae_dir=vae_dir,
+    )  # fmt: skip
+    index = json.loads((latents / "index.json").read_text())
+    assert index["settings"]["vae"] == str(vae_dir)
+    ours, ref = load_file(latents / "shard-00000.safetensors"), CachedDataset(*built)
+    assert rel_err(ours["000000-flip.mean"], ref[1]["mean"]) < 1e-5
+    with pytest.raises(CacheError, match="VAE folder holding config.json"):
+        build_latent_cache(items, tiny_dir, tmp_path / "x", image_size=IMAGE_SIZE, vae_dir=tmp_path)
 
 
 def test_missing_or_mismatched_caches_fail_clearly(built, items, tiny_dir, tmp_path):

@@ -59,7 +59,7 @@ def ours(base_state, dtype=torch.float32) -> UNet2DConditionModel:
     """A fresh tiny UNet of ours with the shared base weights."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"]))
-    unet.load_state_dict(base_state, strict=True, assign=True)
+    unet.load_state_dict({k: v.clone() for k, v in base_state.items()}, strict=True, assign=True)
     return unet.to(dtype).eval()
 
 
@@ -234,7 +234,8 @@ def test_state_dict_roundtrip_and_strict_load(base_state, inputs):
     with pytest.raises(ValueError, match="missing"):
         load_lora_state_dict(unet, missing)
     load_lora_state_dict(unet, missing, strict=False)
-    unexpected = dict(state, **{"conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3)})
+    extra = {"conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3), "conv_in.lora_up.weight": torch.zeros(16, 4, 1, 1)}
+    unexpected = dict(state, **extra)
     with pytest.raises(ValueError, match="unexpected"):
         load_lora_state_dict(unet, unexpected, strict=False)
 

@@ -26,14 +26,18 @@ def ours(tiny_dir):
 def reference(tiny_dir):
     from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(tiny_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
 
 
 def _reference_images(pipe, sampler, prompts, negative, seed, **kw):
     import diffusers
 
     name, overrides = DIFFUSERS_SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    # from the original config: a scheduler built from another's config inherits its options
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.original_scheduler_config, **overrides)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
     return pipe(
         prompts,

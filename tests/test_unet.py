@@ -122,7 +122,7 @@ def test_tiny_matches_diffusers_timesteps(tiny_pair, timestep):
     assert rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("size", [(8, 12), (12, 8), (9, 13), (5, 6)])
+@pytest.mark.parametrize("size", [(8, 12), (9, 13), (5, 6)])
 def test_tiny_matches_diffusers_sizes(tiny_pair, size):
     ours, ref = tiny_pair
     a, b = run_both(ours, ref, make_inputs(TINY["unet"], 2, *size, seed=1), torch.tensor([10, 900]))
@@ -146,7 +146,9 @@ def test_other_configs_from_saved_diffusers_folder(tmp_path, cfg):
     ours = ours_from(sd, saved_cfg)
     ref = DiffusersUNet.from_pretrained(tmp_path).eval()
     for size in [(16, 16), (9, 13)]:
-        a, b = run_both(ours, ref, make_inputs(saved_cfg, 2, *size, seed=2), torch.tensor([5, 640.5]))
+        a, b = run_both(
+            ours, ref, make_inputs(saved_cfg, 2, *size, seed=2), torch.tensor([5, 640.5])
+        )
         assert a.shape == (2, saved_cfg["out_channels"], *size)
         assert rel_err(a, b) < 1e-4
 
@@ -206,18 +208,19 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_pair, monkeypatch):
     assert not calls  # eval never checkpoints
 
 
-def test_bf16_forward_close_to_fp32(tiny_pair):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_forward_close_to_fp32(tiny_pair, dtype):
     ours, _ = tiny_pair
     inputs = make_inputs(TINY["unet"], 2, 8, 12)
-    model16 = UNet2DConditionModel(ours.config).eval()
-    model16.load_state_dict(ours.state_dict())
-    model16.to(torch.bfloat16)
+    low = UNet2DConditionModel(ours.config).eval()
+    low.load_state_dict(ours.state_dict())
+    low.to(dtype)
+    t = torch.tensor([20, 700])
     with torch.no_grad():
-        ref = ours(**inputs, timestep=torch.tensor([20, 700]))
-        out = model16(
-            **{k: v.to(torch.bfloat16) for k, v in inputs.items()}, timestep=torch.tensor([20, 700])
-        )
-    assert out.dtype == torch.bfloat16
+        ref = ours(**inputs, timestep=t)
+        out = low(**{k: v.to(dtype) for k, v in inputs.items()}, timestep=t)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 5e-2
 
 

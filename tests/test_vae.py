@@ -44,6 +44,28 @@ def tiny():
     return ours_from(ref, TINY["vae"]), ref
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(ours, diffusers) for a 3-level config, ours loaded from diffusers' save_pretrained files."""
+    torch.manual_seed(2)
+    ref = RefVAE(
+        block_out_channels=[8, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        layers_per_block=2,
+        norm_num_groups=4,
+        latent_channels=4,
+        scaling_factor=0.5,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    perturbed(ref, seed=3).save_pretrained(path, safe_serialization=True)
+    cfg = VAEConfig.from_dict(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        ours = AutoencoderKL(cfg)
+    ours.load_state_dict(load_file(path / "diffusion_pytorch_model.safetensors"), assign=True)
+    return ours.eval(), ref
+
+
 def images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """Seeded images in [-1, 1]."""
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -130,24 +152,10 @@ def test_sample_latent_matches_diffusers(tiny):
 
 
 @torch.no_grad()
-def test_saved_other_config_loads_strictly_and_matches(tmp_path):
-    torch.manual_seed(2)
-    ref = RefVAE(
-        block_out_channels=[8, 16, 16],
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        layers_per_block=2,
-        norm_num_groups=4,
-        latent_channels=4,
-        scaling_factor=0.5,
-    )
-    perturbed(ref, seed=3).save_pretrained(tmp_path, safe_serialization=True)
-    cfg = VAEConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
-    assert cfg.block_out_channels == (8, 16, 16) and cfg.downscale == 4
-    with torch.device("meta"):
-        ours = AutoencoderKL(cfg)
-    ours.load_state_dict(load_file(tmp_path / "diffusion_pytorch_model.safetensors"), assign=True)
-    ours.eval()
+def test_saved_other_config_loads_strictly_and_matches(small):
+    ours, ref = small
+    assert ours.config.block_out_channels == (8, 16, 16) and ours.config.downscale == 4
+    assert ours.config.scaling_factor == 0.5 and ours.config.layers_per_block == 2
     x, z = images(2, 32, 48), latents(2, 4, 8, 12)
     mean, logvar = ours.encode(x)
     dist = ref.encode(x).latent_dist
@@ -174,7 +182,7 @@ def test_full_sdxl_on_meta_matches_diffusers_keys_and_shapes():
 @torch.no_grad()
 def test_slice_equals_batched(tiny):
     ours, _ = tiny
-    x, z = images(3, 32, 48), latents(3, 4, 4, 6)
+    x, z = images(3, 16, 24), latents(3, 4, 2, 3)
     mean, logvar = ours.encode(x)
     mean_s, logvar_s = ours.encode(x, slice=True)
     # Same maths; CPU conv kernels may block a batch of 1 differently, so allow float rounding.
@@ -183,21 +191,21 @@ def test_slice_equals_batched(tiny):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 4, 20, 28), (1, 4, 12, 7)])
-def test_tiled_decode_matches_diffusers_tiling(tiny, shape):
-    ours, ref = tiny
+@pytest.mark.parametrize("shape", [(1, 4, 10, 14), (2, 4, 12, 7)])
+def test_tiled_decode_matches_diffusers_tiling(small, shape):
+    """diffusers' tiled_decode with the same tile (8 latents, overlap 1/4) gives the same image."""
+    ours, ref = small
+    f = ours.config.downscale
     z = latents(*shape, seed=5)
     ref.enable_tiling()
-    ref.tile_latent_min_size, ref.tile_sample_min_size, ref.tile_overlap_factor = 8, 64, 0.25
+    ref.tile_latent_min_size, ref.tile_sample_min_size, ref.tile_overlap_factor = 8, 8 * f, 0.25
     try:
         expected = ref.decode(z).sample
     finally:
         ref.disable_tiling()
-    out = ours.decode(z, tile=True, tile_size=8)
-    assert out.shape == expected.shape == (shape[0], 3, shape[2] * 8, shape[3] * 8)
+    out = ours.decode(z, tile=True, tile_size=8, slice=True)
+    assert out.shape == expected.shape == (shape[0], 3, shape[2] * f, shape[3] * f)
     assert rel_err(out, expected) < 1e-4
-    sliced = ours.decode(z, tile=True, tile_size=8, slice=True)
-    torch.testing.assert_close(sliced, out, rtol=1e-5, atol=1e-5)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -211,32 +219,33 @@ def row_jumps(img: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_tiled_decode_is_close_to_full_decode(tiny, monkeypatch):
+def test_tiled_decode_is_close_to_full_decode(small, monkeypatch):
     """Tiling is an approximation: each tile sees less context and its own GroupNorm statistics.
 
-    A random-weight decoder has a receptive field of ~10 latent pixels each side plus global
-    GroupNorm/attention, so at test sizes tiles cannot match closely (measured: rel. RMS ~0.8
-    at tile 8, ~0.5 at tile 12, ~0.3 at tile 16 on a 16x24 latent). So we assert what must hold:
-    the error shrinks as tiles grow, linear blending beats hard-cut tiles, seams are no rougher
-    than ordinary neighbouring rows, and a latent that fits one tile decodes exactly.
+    A random-weight decoder has a receptive field of several latent pixels each side plus global
+    GroupNorm/attention, so at test sizes tiles cannot match closely (measured rel. RMS on a
+    16x24 latent: ~0.8 at tile 8, ~0.5 at tile 12, ~0.26 at tile 16). So we assert what must
+    hold: the error shrinks as tiles grow, linear blending beats hard-cut tiles, the seam is no
+    rougher than ordinary neighbouring rows (measured 1.23x; hard cut 1.7x), and a latent that
+    fits one tile decodes exactly as a whole.
     """
-    ours, _ = tiny
+    ours, _ = small
     z = latents(1, 4, 16, 24, seed=7)
     full = ours.decode(z)
     errs = [rel_rms(ours.decode(z, tile=True, tile_size=t), full) for t in (8, 12, 16)]
-    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.5, errs
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.4, errs
 
-    tiled = ours.decode(z, tile=True, tile_size=12)  # stride 9 latents -> seams every 72 px
-    seams = [72 - 1]
-    assert row_jumps(tiled)[seams].max() < 1.3 * row_jumps(full).mean()
+    tiled = ours.decode(z, tile=True, tile_size=12)  # stride 9 latents: first seam after 36 px
+    seam, typical = 36 - 1, row_jumps(full).mean()
+    assert row_jumps(tiled)[seam] < 1.4 * typical
     monkeypatch.setattr(vae_module, "_blend", lambda a, b, extent, dim: b)
     hard = ours.decode(z, tile=True, tile_size=12)
-    assert row_jumps(hard)[seams].max() > 1.3 * row_jumps(full).mean()  # the check can fail
-    assert rel_rms(tiled, full) < rel_rms(hard, full)
     monkeypatch.undo()
+    assert row_jumps(hard)[seam] > 1.4 * typical  # the seam check can fail
+    assert rel_rms(tiled, full) < rel_rms(hard, full)
 
-    small = latents(1, 4, 10, 12)
-    torch.testing.assert_close(ours.decode(small, tile=True), ours.decode(small), rtol=0, atol=0)
+    fits = latents(1, 4, 10, 12)
+    torch.testing.assert_close(ours.decode(fits, tile=True), ours.decode(fits), rtol=0, atol=0)
     with pytest.raises(ValueError, match="tile_size"):
         ours.decode(z, tile=True, tile_size=2)
 
@@ -247,7 +256,7 @@ def test_bf16_runs_and_is_close_to_fp32(tiny):
     ours, _ = tiny
     ours16 = AutoencoderKL(ours.config).to(torch.bfloat16).eval()
     ours16.load_state_dict(ours.state_dict())
-    x, z = images(2, 32, 48), latents(2, 4, 4, 6)
+    x, z = images(1, 32, 48), latents(1, 4, 4, 6)
     out = ours16.decode(z)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rel_err(out, ours.decode(z)) < 5e-2

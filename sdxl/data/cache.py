@@ -69,17 +69,10 @@ def shard_ranges(n: int, num_shards: int) -> list[range]:
     return [range(k * n // num_shards, (k + 1) * n // num_shards) for k in range(num_shards)]
 
 
-def _count_shards(n: int, num_shards: int, items_per_shard: int | None) -> int:
-    """num_shards, or the count implied by items_per_shard (at least one shard)."""
-    if items_per_shard is None:
-        return num_shards
+def _chunk_ranges(n: int, items_per_shard: int) -> list[range]:
+    """Ranges of `items_per_shard` positions (the last may be shorter; at least one range)."""
     if items_per_shard < 1:
         raise ValueError(f"items_per_shard must be >= 1, got {items_per_shard}")
-    return max(1, math.ceil(n / items_per_shard))
-
-
-def _chunk_ranges(n: int, items_per_shard: int) -> list[range]:
-    """Ranges of `items_per_shard` positions (the last may be shorter)."""
     count = max(1, math.ceil(n / items_per_shard))
     return [range(k * items_per_shard, min(n, (k + 1) * items_per_shard)) for k in range(count)]
 
@@ -107,6 +100,7 @@ def _shard_is_done(out_dir: Path, shard: int, expected: dict[str, Any]) -> bool:
 def _write_shard(out_dir: Path, shard: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write the shard's tensors, then its json (last: the json marks the shard complete)."""
     stem = shard_name(shard)
+    (out_dir / f"{stem}.json").unlink(missing_ok=True)  # a stale json must never vouch for new data
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(out_dir / f"{stem}.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -125,15 +119,21 @@ def _release_memory(device: str | torch.device) -> None:
 
 
 def latent_settings(
-    image_size: int, random_crop: bool, flip: bool, seed: int, scaling_factor: float
+    image_size: int,
+    random_crop: bool,
+    flip: bool,
+    seed: int,
+    scaling_factor: float,
+    vae: str | None = None,
 ) -> dict[str, Any]:
-    """What decides the cached latents besides the items and the VAE weights."""
+    """What decides the cached latents besides the items and the model's weights."""
     return {
         "image_size": image_size,
         "crop": "random" if random_crop else "center",
         "flip": flip,
         "seed": seed,
         "scaling_factor": scaling_factor,
+        "vae": vae,  # a separate VAE folder, or None for the model's own
     }
 
 
@@ -241,11 +241,43 @@ def _latent_shard_expectation(
     }
 
 
-def _load_vae(model_dir, device, dtype):
-    from sdxl.weights import load_component
+def _vae_folder(model_dir, vae_dir) -> Path:
+    """The folder with the VAE's config.json and weights: vae_dir (or its vae/) or model/vae."""
+    if vae_dir is None:
+        return Path(model_dir) / "vae"
+    vae_dir = Path(vae_dir)
+    return vae_dir / "vae" if (vae_dir / "vae" / "config.json").is_file() else vae_dir
 
-    vae = load_component(model_dir, "vae", dtype=dtype, device=device)
-    return vae.eval().requires_grad_(False)
+
+def _load_vae(model_dir, vae_dir, device, dtype):
+    """The model's VAE, or a separate one (e.g. sdxl-vae-fp16-fix), frozen in eval mode."""
+    from sdxl import weights
+
+    if vae_dir is None:
+        return weights.load_component(model_dir, "vae", dtype=dtype, device=device)
+    folder = _vae_folder(model_dir, vae_dir)
+    model = weights.build_on_meta("vae", _vae_config(folder), str(folder / "config.json"))
+    sd = weights.load_component_state_dict(folder, device=device, dtype=dtype)
+    return weights.assign_state_dict(model, sd, str(folder), "vae")
+
+
+def _vae_config(folder: Path) -> dict:
+    """The VAE's config.json, or a CacheError saying what the folder must hold."""
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise CacheError(
+            f"cannot read {folder / 'config.json'}; pass an SDXL model folder (with vae/) or a "
+            "VAE folder holding config.json and diffusion_pytorch_model.safetensors"
+        )
+    return config
+
+
+def _scaling_factor(model_dir, vae_dir) -> float:
+    """The VAE's latent scaling factor, read from its config without loading the weights."""
+    from sdxl.models.vae import VAEConfig
+
+    config = _vae_config(_vae_folder(model_dir, vae_dir))
+    return float(config.get("scaling_factor", VAEConfig.scaling_factor))
 
 
 def build_latent_cache(
@@ -264,30 +296,23 @@ def build_latent_cache(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "fp32",
     progress: bool = True,
+    vae_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Encode the items' images with the VAE into shard `shard_index` of `num_shards`.
 
     Shards are contiguous parts of `items`; a shard whose pair of files is already complete
     (same items and settings) is skipped, so a killed run resumes. `shard_index=None` builds
     every shard; `items_per_shard` builds every shard, each of that many items (num_shards is
-    then derived). When all shards are built here, index.json is written too. Returns out_dir.
+    then derived). When all shards are built here, index.json is written too. `vae_dir` uses a
+    separate VAE (a folder with its config.json and weights) instead of model_dir/vae.
+    Returns out_dir.
     """
     if not items:
         raise ValueError("no items to cache")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
-    n = len(items)
-    num_shards = _count_shards(n, num_shards, items_per_shard)
-    ranges = (
-        shard_ranges(n, num_shards)
-        if items_per_shard is None
-        else _chunk_ranges(n, items_per_shard)
-    )
-    build_all = shard_index is None or items_per_shard is not None or num_shards == 1
-    if not build_all and not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
-    todo = range(num_shards) if build_all else [shard_index]
+    ranges, todo = _plan_shards(len(items), shard_index, num_shards, items_per_shard)
     opts = {
         "batch_size": batch_size,
         "random_crop": random_crop,
@@ -296,12 +321,30 @@ def build_latent_cache(
         "device": device,
         "dtype": to_dtype(dtype),
         "progress": progress,
+        "vae_dir": vae_dir,
     }
-    settings = latent_settings(image_size, random_crop, flip, seed, _vae_scaling_factor(model_dir))
+    scaling = _scaling_factor(model_dir, vae_dir)
+    vae = None if vae_dir is None else str(vae_dir)
+    settings = latent_settings(image_size, random_crop, flip, seed, scaling, vae)
     _build_latent_shards(items, model_dir, out_dir, ranges, todo, settings, opts)
-    if build_all:
-        merge_latent_index(out_dir, num_shards)
+    if len(todo) == len(ranges):
+        merge_latent_index(out_dir, len(ranges))
     return out_dir
+
+
+def _plan_shards(
+    n: int, shard_index: int | None, num_shards: int, items_per_shard: int | None
+) -> tuple[list[range], list[int]]:
+    """(item ranges of all shards, the shards this call builds)."""
+    if items_per_shard is not None:
+        ranges = _chunk_ranges(n, items_per_shard)
+        return ranges, list(range(len(ranges)))
+    ranges = shard_ranges(n, num_shards)
+    if shard_index is None or num_shards == 1:
+        return ranges, list(range(num_shards))
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
+    return ranges, [shard_index]
 
 
 def _build_latent_shards(items, model_dir, out_dir: Path, ranges, todo, settings, opts) -> None:
@@ -314,22 +357,11 @@ def _build_latent_shards(items, model_dir, out_dir: Path, ranges, todo, settings
             log.info("%s/%s is complete; skipping it", out_dir, shard_name(shard))
             continue
         if vae is None:
-            vae = _load_vae(model_dir, opts["device"], opts["dtype"])
+            vae = _load_vae(model_dir, opts["vae_dir"], opts["device"], opts["dtype"])
         tensors, records = _encode_shard(vae, ranges[shard], items, buckets, opts)
         _write_shard(out_dir, shard, tensors, {**expected, "items": records})
     del vae
     _release_memory(opts["device"])
-
-
-def _vae_scaling_factor(model_dir) -> float:
-    """The VAE's scaling factor from its config.json, without loading the weights."""
-    path = Path(model_dir) / "vae" / "config.json"
-    config = _read_json(path)
-    if config is None:
-        raise CacheError(f"cannot read {path}; is {model_dir} an SDXL model folder?")
-    from sdxl.models.vae import VAEConfig
-
-    return float(config.get("scaling_factor", VAEConfig.scaling_factor))
 
 
 def build_latent_cache_from_manifest(
@@ -424,7 +456,10 @@ def _text_shard_expectation(shard: int, num_shards: int, indices: range, items) 
         "kind": "text",
         "shard": shard,
         "num_shards": num_shards,
-        "items": [{"key": item_key(i), "caption": items[i].caption} for i in indices],
+        "items": [
+            {"key": item_key(i), "source": items[i].key, "caption": items[i].caption}
+            for i in indices
+        ],
     }
 
 
@@ -549,15 +584,16 @@ def _read_index(folder: Path, kind: str) -> dict:
 
 
 def _check_agreement(latent_dir: Path, text_dir: Path, latents: dict, texts: dict) -> None:
-    """Every latent sample must have its item's caption in the text cache."""
-    captions = {t["key"]: t["caption"] for t in texts["items"]}
+    """Every latent sample must find its own item (same file, same caption) in the text cache."""
+    by_key = {t["key"]: (t["source"], t["caption"]) for t in texts["items"]}
     for record in latents["items"]:
-        if captions.get(record["item"]) != record["caption"]:
-            found = captions.get(record["item"], "no such key")
+        found = by_key.get(record["item"])
+        if found != (record["source"], record["caption"]):
             raise CacheError(
                 f"text cache {text_dir} and latent cache {latent_dir} disagree on item "
-                f"{record['item']} ({record['source']}): caption {record['caption']!r} vs "
-                f"{found!r}; build both caches from the same items (manifest)"
+                f"{record['item']}: latents have {record['source']} {record['caption']!r}, "
+                f"text has {found or 'no such item'}; build both caches from the same "
+                "items (manifest)"
             )
 
 
@@ -601,6 +637,14 @@ class CachedDataset(torch.utils.data.Dataset):
         for i, record in enumerate(self.samples):
             groups[record["item"]].append(i)
         return dict(groups)
+
+    def is_flipped(self, i: int) -> bool:
+        """Whether sample i is a mirrored variant."""
+        return self.samples[i]["flipped"]
+
+    def source(self, i: int) -> str:
+        """The image (relative to the data folder) sample i was made from; shared by variants."""
+        return self.samples[i]["source"]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = self.samples[i]

@@ -40,7 +40,8 @@ _FIXED: dict[str, tuple[object, tuple[object, ...]]] = {
     "mid_block_only_cross_attention": (None, (None, False)),
     "mid_block_scale_factor": (1, (1,)),
     "mid_block_type": ("UNetMidBlock2DCrossAttn", ("UNetMidBlock2DCrossAttn",)),
-    "num_attention_heads": (None, (None,)),  # diffusers itself refuses it; heads come from attention_head_dim
+    # diffusers itself refuses num_attention_heads; the head counts come from attention_head_dim
+    "num_attention_heads": (None, (None,)),
     "num_class_embeds": (None, (None,)),
     "only_cross_attention": (False, (False,)),
     "resnet_out_scale_factor": (1.0, (1.0,)),
@@ -94,15 +95,13 @@ class UNetConfig:
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        for key in ("down_block_types", "up_block_types", "layers_per_block"):
-            _check_len(key, getattr(self, key), n)
-        for key in ("transformer_layers_per_block", "num_attention_heads"):
+        per_level = ("layers_per_block", "transformer_layers_per_block", "num_attention_heads")
+        for key in ("down_block_types", "up_block_types", *per_level):
             _check_len(key, getattr(self, key), n)
         _check_choices("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES)
         _check_choices("up_block_types", self.up_block_types, UP_BLOCK_TYPES)
-        for key in ("block_out_channels", "layers_per_block", "transformer_layers_per_block"):
+        for key in ("block_out_channels", *per_level):
             _check_positive(key, getattr(self, key))
-        _check_positive("num_attention_heads", self.num_attention_heads)
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
                 f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels "
@@ -266,13 +265,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        B, N, _ = x.shape
-        q = self.to_q(x).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, h, N, D)
-        k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
-        v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)
+        q = self._split_heads(self.to_q(x))  # (B, h, N, D)
+        k = self._split_heads(self.to_k(context))  # (B, h, T, D)
+        v = self._split_heads(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D)
-        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)
+        out = out.transpose(1, 2).flatten(2)  # (B, N, h*D)
         return self.to_out[0](out)
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, h*D) -> (B, h, L, D)."""
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
 
 class GEGLU(nn.Module):
@@ -447,13 +449,12 @@ class UpBlock(nn.Module):
 
     def __init__(self, level: _Level, in_ch: int, prev_ch: int, out_ch: int, upsample: bool):
         super().__init__()
-        n = level.num_layers
-        self.resnets = nn.ModuleList(
-            level.resnet(
-                (prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch
-            )
-            for i in range(n)
-        )
+        n, resnets = level.num_layers, []
+        for i in range(n):
+            x_ch = prev_ch if i == 0 else out_ch  # from the level below, then from our resnets
+            skip_ch = in_ch if i == n - 1 else out_ch  # the last skip was pushed before this level
+            resnets.append(level.resnet(x_ch + skip_ch, out_ch))
+        self.resnets = nn.ModuleList(resnets)
         self.attentions = level.attentions(out_ch)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
 
@@ -494,7 +495,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
-            level = self._level(i, cfg.layers_per_block[i], attends=kind == "CrossAttnDownBlock2D")
+            level = self._level(i, cfg.layers_per_block[i], kind == "CrossAttnDownBlock2D")
             in_ch = widths[max(i - 1, 0)]
             self.down_blocks.append(DownBlock(level, in_ch, widths[i], downsample=i < n - 1))
 
@@ -503,7 +504,8 @@ class UNet2DConditionModel(nn.Module):
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.up_block_types):
             j = n - 1 - i  # the matching down level
-            level = self._level(j, cfg.layers_per_block[j] + 1, attends=kind == "CrossAttnUpBlock2D")
+            attends = kind == "CrossAttnUpBlock2D"
+            level = self._level(j, cfg.layers_per_block[j] + 1, attends)  # one more resnet
             prev_ch, in_ch = widths[min(j + 1, n - 1)], widths[max(j - 1, 0)]
             self.up_blocks.append(UpBlock(level, in_ch, prev_ch, widths[j], upsample=i < n - 1))
 
@@ -576,7 +578,7 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config
         pooled = cfg.projection_class_embeddings_input_dim
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W), got {tuple(sample.shape)}")
+            raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W), got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
             raise ValueError(
                 f"encoder_hidden_states must be (B, T, {cfg.cross_attention_dim}), "
