@@ -526,7 +526,7 @@ def _combined_layer(model: nn.Module, name: str, ws: list[tuple[LoRAWeights, flo
     """One LoRA layer equal to the multiplier-weighted sum of the given LoRAs."""
     if len(ws) == 1:
         w, m = ws[0]
-        down, up, alpha = w.down, w.up * m, w.alpha
+        down, up, alpha = w.down, w.up.float() * m, w.alpha
     else:
         down = torch.cat([w.down.float() for w, _ in ws])  # (sum r, in[, k, k])
         up = torch.cat([w.up.float() * (m * w.alpha / w.rank) for w, m in ws], dim=1)

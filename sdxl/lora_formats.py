@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdxl.lora import LoRAWeights, check_lora_state, split_lora_state
@@ -538,7 +538,7 @@ def load_lora_file(
             raise ValueError(f"it has {what}; only UNet LoRAs are applied")
         if unet is not None:
             check_lora_state(unet, state)
-    except (ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+    except (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise LoRAFileError(f"{path}: not a usable SDXL UNet LoRA: {e}") from e
     if ignored:
         warnings.warn(
@@ -556,8 +556,9 @@ def _read(path: Path) -> tuple[Mapping, dict[str, str]]:
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
+                metadata = dict(f.metadata() or {})
+            return load_file(path), metadata
+        except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"cannot read the safetensors file ({e})") from e
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):

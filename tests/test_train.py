@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -69,13 +70,41 @@ def test_outputs_and_metrics(tiny_dir, cache_dir, tmp_path):
     assert lora
 
 
+def _eval_loss(tiny_dir, cache_dir, lora_file: Path | None) -> float:
+    """Mean loss over the training set with fixed noise and timesteps (so runs compare exactly)."""
+    from sdxl.data.cache import CachedDataset
+    from sdxl.lora import apply_loras
+    from sdxl.lora_formats import load_lora_file
+    from sdxl.schedulers import NoiseSchedule
+    from sdxl.train.loss import draw_step_noise, per_sample_loss
+    from sdxl.weights import load_component
+
+    unet = load_component(tiny_dir, "unet", dtype=torch.float32, device="cpu")
+    if lora_file is not None:
+        apply_loras(unet, [(load_lora_file(lora_file, unet)[0], 1.0)])
+    data = CachedDataset(cache_dir / "latents", cache_dir / "text")
+    schedule = NoiseSchedule.from_config(json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()))
+    cfg = _cfg(tiny_dir, cache_dir, "unused")
+    empty_embeds, empty_pooled = data.empty_text()
+    losses = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            batch = {k: item[k][None] for k in ("mean", "std", "prompt_embeds", "pooled", "time_ids")}
+            batch["empty_embeds"], batch["empty_pooled"] = empty_embeds[None], empty_pooled[None]
+            for k in range(4):
+                rnd = draw_step_noise(torch.Generator().manual_seed(100 * i + k), 1, tuple(item["mean"].shape), cfg)
+                losses.append(per_sample_loss(unet, batch, rnd, schedule, cfg, torch.float32))
+    return torch.cat(losses).mean().item()
+
+
 def test_loss_goes_down(tiny_dir, cache_dir, tmp_path):
     out = tmp_path / "learn"
-    train(_cfg(tiny_dir, cache_dir, out, num_epochs=12, learning_rate=3e-3, lora_rank=8,
+    train(_cfg(tiny_dir, cache_dir, out, num_epochs=10, learning_rate=3e-3, lora_rank=8,
                lora_target_mode="all"))  # fmt: skip
-    losses = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").open())]
-    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
-    assert last < 0.9 * first, (first, last)
+    before = _eval_loss(tiny_dir, cache_dir, None)
+    after = _eval_loss(tiny_dir, cache_dir, out / "lora_final.safetensors")
+    assert after < 0.97 * before, (before, after)
 
 
 def test_bf16_base_lora_updates_are_not_lost(tiny_dir, cache_dir, tmp_path):
@@ -130,5 +159,7 @@ def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
                     "--master_port", "29611", script, *args, "--output_dir", str(double)],
                    check=True, env=env)  # fmt: skip
     want, got = _lora(single), _lora(double)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert want.keys() == got.keys()
+    for k in want:  # equal up to the order of float sums (gloo all_reduce vs one batch)
+        rel = (got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-12)
+        assert rel < 1e-5, (k, rel)

@@ -91,9 +91,8 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if self.batches_cache is None or self.batches_cache[0] != epoch:
-            buckets: dict[tuple[int, int], list[int]] = {}
-            for i in self.samples:
-                buckets.setdefault(tuple(self.data.bucket(i)), []).append(i)
+            keep = set(self.samples)
+            buckets = {b: [i for i in idx if i in keep] for b, idx in self.data.buckets().items()}
             batches = epoch_batches(buckets, epoch, self.cfg.seed, self.cfg.batch_size,
                                     min_batch=self.dist.world)  # fmt: skip
             self.batches_cache = (epoch, batches)
@@ -274,10 +273,10 @@ class Trainer:
             if self.ema:
                 self.ema.swap()
             state = lora_state_dict(self.unet)
-            meta = {"ss_network_dim": str(self.cfg.lora_rank), "ss_network_alpha": str(self.cfg.lora_alpha)}
-            lora_formats.save_seed_pt(self.out / "lora_final.pt", state, self.cfg.to_dict())
-            lora_formats.save_kohya(self.out / "lora_final.safetensors", state, meta,
-                                    unet_config=self.unet.config)  # fmt: skip
+            layout = lora_formats.UNetLayout.from_module_names([n for n, _ in self.unet.named_modules()])
+            meta = {"ss_training_steps": str(self.position.step), "ss_seed": str(self.cfg.seed)}
+            lora_formats.save_seed_pt(self.out / "lora_final.pt", state, step=self.position.step)
+            lora_formats.save_kohya(self.out / "lora_final.safetensors", state, meta, layout=layout)
             if self.ema:
                 self.ema.swap()
             metrics.close()
