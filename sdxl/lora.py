@@ -157,8 +157,8 @@ class _LoRALayer(nn.Module):
         return y + self.lora_forward(x).to(y.dtype)
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA term alone, computed in fp32."""
-        h = self.lora_up(self.lora_down(self.dropout(x.float())))
+        """The LoRA term alone, in the factors' dtype (fp32 unless the model was cast later)."""
+        h = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
         return h * (self.alpha * (self.multiplier / self.rank))
 
     def delta_weight(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ Our state (`sdxl.lora.lora_state_dict`) is keyed by diffusers module path: `<pat
   alpha in the `lora_adapter_metadata` header (PEFT LoraConfig JSON), else alpha = r.
 
 Each format has one pure conversion pair (state <-> tensors); `load_lora_file` detects the format.
-The UNet diffusers <-> SGM module map is computed from the block layout (`UNetLayout`).
+The UNet diffusers <-> SGM module map is `sdxl.convert.unet_key_map` of the block layout.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sdxl.convert import unet_key_map
 from sdxl.lora import LoRAWeights, check_lora_state, split_lora_state
 from sdxl.models.configs import SDXL_BASE
 from sdxl.utils import atomic_path, to_dtype
@@ -42,137 +43,82 @@ from sdxl.utils import atomic_path, to_dtype
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """The UNet block structure the diffusers <-> SGM index map depends on (per level, top first)."""
+    """The UNet block structure the diffusers <-> SGM block numbering depends on."""
 
-    layers_per_block: tuple[int, ...]
-    down_attention: tuple[bool, ...]
-    up_attention: tuple[bool, ...]  # up block b works on level n - 1 - b
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: tuple[int, ...]  # per level, top first
 
     @classmethod
     def from_config(cls, config: Mapping | object) -> UNetLayout:
-        """From a diffusers UNet config dict or an object with the same attribute names."""
+        """From a diffusers UNet config dict or an object with the same attributes (UNetConfig)."""
 
         def get(key):
             return config[key] if isinstance(config, Mapping) else getattr(config, key)
 
-        downs, ups = tuple(get("down_block_types")), tuple(get("up_block_types"))
-        layers = get("layers_per_block")
-        layers = (layers,) * len(downs) if isinstance(layers, int) else tuple(layers)
-        return cls(
-            layers, tuple("CrossAttn" in t for t in downs), tuple("CrossAttn" in t for t in ups)
+        downs, ups, layers = (
+            get(k) for k in ("down_block_types", "up_block_types", "layers_per_block")
         )
+        layers = (layers,) * len(downs) if isinstance(layers, int) else layers
+        return cls(tuple(downs), tuple(ups), tuple(layers))
 
     @classmethod
     def from_module_names(cls, names: list[str]) -> UNetLayout:
         """Infer the layout from a UNet's module paths (diffusers naming)."""
         found = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)$")
-        count: dict[tuple[str, int], int] = Counter()
+        resnets: Counter[tuple[str, int]] = Counter()
         attends: set[tuple[str, int]] = set()
         for name in names:
             m = found.search(name)
             if m and m[3] == "resnets":
-                count[m[1], int(m[2])] += 1
+                resnets[m[1], int(m[2])] += 1
             elif m:
                 attends.add((m[1], int(m[2])))
-        n = 1 + max((b for kind, b in count if kind == "down"), default=-1)
+        n = sum(1 for side, _ in resnets if side == "down")
         if n == 0:
             raise ValueError("no down_blocks.N.resnets.M modules: not a diffusers-named UNet")
         return cls(
-            tuple(count["down", b] for b in range(n)),
-            tuple(("down", b) in attends for b in range(n)),
-            tuple(("up", b) in attends for b in range(n)),
+            tuple(
+                "CrossAttnDownBlock2D" if ("down", b) in attends else "DownBlock2D"
+                for b in range(n)
+            ),
+            tuple("CrossAttnUpBlock2D" if ("up", b) in attends else "UpBlock2D" for b in range(n)),
+            tuple(resnets["down", b] for b in range(n)),
         )
 
-    @property
-    def levels(self) -> int:
-        return len(self.layers_per_block)
+    def config(self) -> dict:
+        """The diffusers config keys `sdxl.convert.unet_key_map` reads."""
+        return {k: list(v) for k, v in asdict(self).items()}
 
 
 SDXL_LAYOUT = UNetLayout.from_config(SDXL_BASE["unet"])
 
-_RESNET_TO_SGM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_TOP_TO_SGM = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_RESNET_FROM_SGM = {v: k for k, v in _RESNET_TO_SGM.items()}
-_TOP_FROM_SGM = {v: k for k, v in _TOP_TO_SGM.items()}
-
 
 @functools.cache
-def _block_table(layout: UNetLayout) -> dict[str, str]:
-    """Diffusers -> SGM prefix of every block, e.g. down_blocks.1.attentions.0 -> input_blocks.4.1."""
-    n, table = layout.levels, dict(_TOP_TO_SGM)
-    k = 1  # input_blocks.0 is conv_in
-    for b, layers in enumerate(layout.layers_per_block):
-        for i in range(layers):
-            table[f"down_blocks.{b}.resnets.{i}"] = f"input_blocks.{k}.0"
-            if layout.down_attention[b]:
-                table[f"down_blocks.{b}.attentions.{i}"] = f"input_blocks.{k}.1"
-            k += 1
-        if b < n - 1:
-            table[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{k}.0.op"
-            k += 1
-    table["mid_block.resnets.0"] = "middle_block.0"
-    table["mid_block.attentions.0"] = "middle_block.1"
-    table["mid_block.resnets.1"] = "middle_block.2"
-    k = 0
-    for b in range(n):
-        attends = layout.up_attention[b]
-        for i in range(layout.layers_per_block[n - 1 - b] + 1):
-            table[f"up_blocks.{b}.resnets.{i}"] = f"output_blocks.{k}.0"
-            if attends:
-                table[f"up_blocks.{b}.attentions.{i}"] = f"output_blocks.{k}.1"
-            k += 1
-        if b < n - 1:  # the upsampler sits after the last layer's resnet (and attention)
-            sub = 2 if attends else 1
-            table[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{k - 1}.{sub}.conv"
-    return table
+def _key_maps(layout: UNetLayout) -> tuple[dict[str, str], dict[str, str]]:
+    """diffusers -> SGM module prefixes (from sdxl.convert) and the inverse."""
+    table = unet_key_map(layout.config())
+    return table, {v: k for k, v in table.items()}
 
 
-@functools.cache
-def _inverse_table(layout: UNetLayout) -> dict[str, str]:
-    return {v: k for k, v in _block_table(layout).items()}
-
-
-def _convert(path: str, table: dict[str, str], resnet_names: dict[str, str]) -> str:
-    """Swap the longest known block prefix of `path` and rename resnet-internal modules."""
+def _rename_module(path: str, table: dict[str, str]) -> str:
+    """Rename `path` by its longest dotted prefix in `table` (transformer insides keep names)."""
     parts = path.split(".")
-    for k in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:k])
-        if prefix not in table:
-            continue
-        new, rest = table[prefix], ".".join(parts[k:])
-        if not rest:
-            return new
-        if "resnets" in prefix + new and rest in resnet_names:
-            return f"{new}.{resnet_names[rest]}"
-        if "attentions" in prefix + new:
-            return f"{new}.{rest}"  # transformer-internal names are the same in both
-        break
-    raise ValueError(f"{path!r} is not a module of this UNet (or this UNet layout)")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in table:
+            return ".".join([table[head], *parts[cut:]])
+    raise ValueError(f"{path!r} is not a module of this UNet (or of this UNet layout)")
 
 
 def diffusers_to_sgm(path: str, layout: UNetLayout = SDXL_LAYOUT) -> str:
     """SGM (Stability/kohya) module path of a diffusers UNet module path."""
-    return _convert(path, _block_table(layout), _RESNET_TO_SGM)
+    return _rename_module(path, _key_maps(layout)[0])
 
 
 def sgm_to_diffusers(path: str, layout: UNetLayout = SDXL_LAYOUT) -> str:
     """Diffusers module path of an SGM UNet module path (inverse of diffusers_to_sgm)."""
-    return _convert(path, _inverse_table(layout), _RESNET_FROM_SGM)
+    return _rename_module(path, _key_maps(layout)[1])
 
 
 # ----------------------------------------------------------------------------- kohya

@@ -94,18 +94,30 @@ class SDXLPipeline:
         guidance_rescale: float = 0.0,
         indices: list[int] | None = None,
         progress: bool = False,
+        batch_invariant: bool = False,
     ) -> list[Image.Image]:
         """Generate one image per prompt; image i uses noise seeded with seed + indices[i].
 
-        `indices` are the images' global indices in a larger dataset (default 0..B-1), so an
-        image is the same whatever batch or worker produces it.
+        `indices` are the images' global indices in a larger dataset (default 0..B-1). With
+        `batch_invariant`, each image runs through the networks on its own (CFG pair still one
+        UNet call), so it is bit-identical whatever the batch size: matmul kernels pick
+        different blockings for different batch shapes, which moves the last bits otherwise.
         """
+        if batch_invariant:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            indices = list(range(len(prompts))) if indices is None else list(indices)
+            return [
+                self.generate([p], negative_prompt, width, height, num_inference_steps,
+                              guidance_scale, sampler, seed, guidance_rescale, [i], progress)[0]
+                for p, i in zip(prompts, indices, strict=True)
+            ]  # fmt: skip
         latents = self.generate_latents(
             prompts, negative_prompt, width, height, num_inference_steps, guidance_scale,
             sampler, seed, guidance_rescale, indices, progress,
         )  # fmt: skip
         return to_pil(self.decode(latents))
 
+    @torch.inference_mode()
     def generate_latents(
         self,
         prompts: list[str] | str,
@@ -230,10 +242,7 @@ def load_pipeline(
 
     dtype = to_dtype(dtype)
     source_str = str(source)
-    if source_str == BUILTIN_TINY:
-        folder = ensure_tiny_sdxl()
-    else:
-        folder = Path(source)
+    folder = ensure_tiny_sdxl() if source_str == BUILTIN_TINY else Path(source)
     if folder.is_file():
         config_dir = Path(config_source) if config_source else fetch_config_files()
         modules = weights.load_single_file(
@@ -246,6 +255,8 @@ def load_pipeline(
             n: weights.load_component(folder, n, dtype=dtype, device=device, variant=variant)
             for n in names
         }
+    if dtype == torch.float16 and modules["vae"].config.force_upcast:
+        modules["vae"].float()  # SDXL's VAE overflows in fp16 (diffusers upcasts it too)
     return _assemble(modules, config_dir, source_str)
 
 

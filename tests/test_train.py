@@ -150,7 +150,7 @@ def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
     args = ["--data_dir", str(cache_dir), "--pretrained_model", str(tiny_dir), "--image_size", "64",
             "--batch_size", "4", "--num_epochs", "1", "--precision", "fp32", "--device", "cpu",
             "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3", "--seed", "5",
-            "--no-gradient_checkpointing"]  # fmt: skip
+            "--no-gradient_checkpointing", "--log_interval", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, double = tmp_path / "single", tmp_path / "ddp"
     script = str(ROOT / "train_sdxl.py")
@@ -160,6 +160,12 @@ def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
                    check=True, env=env)  # fmt: skip
     want, got = _lora(single), _lora(double)
     assert want.keys() == got.keys()
-    for k in want:  # equal up to the order of float sums (gloo all_reduce vs one batch)
+    for k in want:  # equal up to the order of float sums, which Adam amplifies for tiny grads
         rel = (got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-12)
-        assert rel < 1e-5, (k, rel)
+        assert rel < 1e-3, (k, rel)
+    # Adam hides a wrong gradient scale; the logged global loss and gradient norm do not.
+    rows = [list(csv.DictReader((out / "metrics.csv").open())) for out in (single, double)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert abs(float(a[key]) - float(b[key])) <= 1e-4 * abs(float(a[key])), (key, a, b)

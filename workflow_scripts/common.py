@@ -72,9 +72,9 @@ def resume_or_restart(folder, fingerprint: str) -> bool:
     if marker.is_file() and marker.read_text().strip() == fingerprint:
         logging.info("resuming the work already in %s (same inputs and settings)", folder)
         return True
-    if folder.exists():
-        logging.info("clearing %s: it was made by another version of this job", folder)
-        shutil.rmtree(folder)
+    if folder.exists() and any(folder.iterdir()):
+        logging.info("clearing %s: it holds the work of another version of this job", folder)
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     marker.write_text(fingerprint + "\n")
     return False

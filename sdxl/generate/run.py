@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from sdxl.generate.coco import write_dataset_files
@@ -138,6 +139,8 @@ def generate_indices(cfg: GenerateConfig, indices: list[int], device: str = "cpu
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_json = cfg.save_metadata and cfg.output_format == "coco"
+    # fp32 (always on CPU): bit-identical images for any batch size; bf16/fp16 on GPU: batched.
+    exact = pipe.dtype == torch.float32
     with tqdm(total=len(todo), desc=f"images[{device}]", unit="img", position=position) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
@@ -145,7 +148,7 @@ def generate_indices(cfg: GenerateConfig, indices: list[int], device: str = "cpu
                 [cfg.prompts[i] for i in batch], negative_prompt=cfg.negative_prompt,
                 width=cfg.width, height=cfg.height, num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, seed=cfg.seed,
-                indices=batch,
+                indices=batch, batch_invariant=exact,
             )  # fmt: skip
             for i, image in zip(batch, images, strict=True):
                 meta = image_meta(cfg, i)

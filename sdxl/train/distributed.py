@@ -54,6 +54,15 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over all ranks' samples (for logging the loss of the global batch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values.mean()
+    total = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+    dist.all_reduce(total)
+    return total[0] / total[1]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

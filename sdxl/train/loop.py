@@ -192,7 +192,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema and not skipped:
             self.ema.update()
-        return {"loss": per_sample.mean(), "grad_norm": grad_norm, "skipped": skipped,
+        return {"loss": distributed.global_mean(per_sample), "grad_norm": grad_norm, "skipped": skipped,
                 "images": sum(len(b) for _, b in group)}  # fmt: skip
 
     # ------------------------------------------------------------------ the loop

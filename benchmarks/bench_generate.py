@@ -1,0 +1,365 @@
+"""Text-to-image speed and peak memory of sdxl's pipeline, optionally next to diffusers' on the same weights.
+
+One call = text encoding + CFG denoising loop + VAE decode + PIL conversion, timed end to end
+after warm-up; s/image = seconds per call / batch. `--compare diffusers` loads
+StableDiffusionXLPipeline (EulerDiscreteScheduler for euler) from the same folder in the same run.
+`--compile both` times each pipeline with its UNet eager and under torch.compile.
+
+--model: a diffusers SDXL folder; `builtin:tiny` (default, the tiny test model); or `sdxl-random`:
+full-size SDXL base architecture with random weights, written once (in --dtype) to --model-dir.
+Its text encoders use the tiny 1000-token vocabulary (the only tokenizer we can write offline);
+vocabulary size changes only the embedding lookup, not the UNet/VAE/encoder cost.
+
+    python benchmarks/bench_generate.py --model sdxl-random --resolution 1024 --batch 1 4 \
+        --compile both --compare diffusers
+    OMP_NUM_THREADS=1 python benchmarks/bench_generate.py --model builtin:tiny --resolution 128 \
+        --steps 4 --batch 1 2 --device cpu --compare diffusers --compile both --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+from bench_unet import PeakMemory, pick_device  # noqa: E402
+
+from sdxl import load_pipeline  # noqa: E402
+from sdxl.models.configs import MODEL_INDEX, SCHEDULER, SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
+from sdxl.tiny import BUILTIN_TINY, END, ensure_tiny_sdxl, write_tokenizer  # noqa: E402
+from sdxl.utils import atomic_path, atomic_write_text, to_dtype  # noqa: E402
+
+RANDOM_SDXL = "sdxl-random"
+DIFFUSERS_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+COMPILE = {"off": [False], "on": [True], "both": [False, True]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=BUILTIN_TINY, help=f"folder | {BUILTIN_TINY} | {RANDOM_SDXL}")
+    p.add_argument("--model-dir", help=f"where {RANDOM_SDXL} is written (default: a temp folder)")
+    p.add_argument("--resolution", type=int, help="pixels; default the model's (1024 for SDXL)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--sampler", choices=list(DIFFUSERS_SCHEDULERS), default="euler")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (GPU), fp32 (CPU)"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        choices=list(COMPILE),
+        default="off",
+        help="torch.compile the UNet: off | on | both (--compile alone means on)",
+    )
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--compare", choices=["none", "diffusers"], default="none")
+    p.add_argument("--prompt", default="a photo of a red circle on a white background")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def resolve_model(args: argparse.Namespace, dtype: torch.dtype) -> Path:
+    """The diffusers folder both pipelines load, writing the tiny or random SDXL if needed."""
+    if args.model == BUILTIN_TINY:
+        return ensure_tiny_sdxl()
+    if args.model == RANDOM_SDXL:
+        name = f"sdxl-random-{str(dtype).removeprefix('torch.')}-seed{args.seed}"
+        folder = Path(args.model_dir or Path(tempfile.gettempdir()) / name)
+        if not (folder / "model_index.json").exists():
+            print(f"writing full-size random SDXL ({dtype}) to {folder} ...", flush=True)
+            write_random_sdxl(folder, dtype, args.seed)
+        return folder
+    folder = Path(args.model)
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(
+            f"--model {args.model!r}: not a diffusers SDXL folder (no model_index.json)"
+        )
+    return folder
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in `dtype`: a full-size fp32 UNet would not fit next to its copy."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def random_component(name: str, config: dict, seed: int) -> nn.Module:
+    """One SDXL network with PyTorch's default random init, seeded."""
+    from sdxl.models.clip import CLIPTextConfig, CLIPTextModel
+    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+    from sdxl.models.vae import AutoencoderKL, VAEConfig
+
+    build = {
+        "unet": lambda c: UNet2DConditionModel(UNetConfig.from_dict(c)),
+        "vae": lambda c: AutoencoderKL(VAEConfig.from_dict(c)),
+        "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c)),
+        "text_encoder_2": lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c)),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build[name](config)
+
+
+def write_random_sdxl(folder: Path, dtype: torch.dtype, seed: int) -> None:
+    """Write SDXL base's architecture with random weights in diffusers layout, one network at a time."""
+    from safetensors.torch import save_file
+
+    for k, name in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
+        config = dict(SDXL_BASE[name])
+        if name.startswith("text_encoder"):
+            config |= {"vocab_size": TINY_VOCAB_SIZE, "transformers_version": "5.24.0"}
+            weights = "model.safetensors"
+        else:
+            config["_diffusers_version"] = "0.42.1"
+            weights = "diffusion_pytorch_model.safetensors"
+        with default_dtype(dtype):
+            module = random_component(name, config, seed + k)
+        atomic_write_text(folder / name / "config.json", json.dumps(config, indent=2))
+        with atomic_path(folder / name / weights) as tmp:
+            state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        del module
+    write_tokenizer(folder / "tokenizer", pad_token=END)
+    write_tokenizer(folder / "tokenizer_2", pad_token="!")
+    scheduler = dict(SCHEDULER, _diffusers_version="0.42.1")
+    atomic_write_text(
+        folder / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2)
+    )
+    index = dict(MODEL_INDEX, _diffusers_version="0.42.1")
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2))  # last: marks done
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+class Impl:
+    """One pipeline under test: how to run a batch, its networks, and how to swap its UNet."""
+
+    def __init__(self, name: str, pipe, run: Callable[[list[str], int], list]):
+        self.name, self.pipe, self.run = name, pipe, run
+        self.unet = pipe.unet  # eager
+        encoders = (
+            pipe.text_encoders if name == "sdxl" else (pipe.text_encoder, pipe.text_encoder_2)
+        )
+        self.networks = nn.ModuleList([self.unet, pipe.vae, *encoders])
+
+    def use_compiled(self, compiled: bool) -> None:
+        self.pipe.unet = torch.compile(self.unet, dynamic=False) if compiled else self.unet
+
+
+def load_ours(folder: Path, device: torch.device, dtype: torch.dtype, args) -> Impl:
+    pipe = load_pipeline(folder, device=device, dtype=dtype)
+
+    def run(prompts: list[str], size: int) -> list:
+        return pipe.generate(
+            prompts,
+            width=size,
+            height=size,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            sampler=args.sampler,
+            seed=args.seed,
+        )
+
+    return Impl("sdxl", pipe, run)
+
+
+def load_diffusers(folder: Path, device: torch.device, dtype: torch.dtype, args) -> Impl:
+    import diffusers
+    import transformers
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        folder, dtype=dtype, add_watermarker=False
+    )
+    scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[args.sampler])
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+
+    def run(prompts: list[str], size: int) -> list:
+        generators = [
+            torch.Generator("cpu").manual_seed(args.seed + i) for i in range(len(prompts))
+        ]
+        return pipe(
+            prompts,
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generators,
+            output_type="pil",
+        ).images
+
+    return Impl("diffusers", pipe, run)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(call: Callable[[], list], warmup: int, iters: int, device: torch.device) -> dict:
+    """Seconds of the first call (includes compilation) and mean seconds of the timed calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    images = call()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        call()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        images = call()
+    sync(device)
+    return {"first_s": first, "s": (time.perf_counter() - t0) / iters, "images": images}
+
+
+def bench_one(impl: Impl, prompts: list[str], size: int, compiled: bool, device, args) -> dict:
+    """Time one pipeline on one (compile, batch); OOM and compile failures become the row's text."""
+    try:
+        with PeakMemory(device, impl.networks) as mem:
+            out = time_calls(lambda: impl.run(prompts, size), args.warmup, args.iters, device)
+        return {**out, "mem": mem.text}
+    except torch.OutOfMemoryError:
+        return {"s": None, "mem": "OOM"}
+    except Exception as e:  # inductor needs a working C/C++ toolchain; say why and go on
+        if not compiled:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        print(f"{impl.name}: torch.compile failed: {type(e).__name__}: {first}")
+        return {"s": None, "mem": "compile failed"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def max_pixel_diff(a: list, b: list) -> int:
+    """Largest per-pixel difference (0-255) between two lists of PIL images."""
+    return max(
+        int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max())
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = pick_device(args.device)
+    dtype = to_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    folder = resolve_model(args, dtype)
+    impls = [load_ours(folder, device, dtype, args)]
+    if args.compare == "diffusers":
+        impls.append(load_diffusers(folder, device, dtype, args))
+    size = args.resolution or impls[0].pipe.default_size
+    print(header(args, device, dtype, folder, size, impls[0]))
+    rows = []
+    for compiled in COMPILE[args.compile]:
+        for impl in impls:
+            impl.use_compiled(compiled)
+        for batch in args.batch:
+            row = {"compile": compiled, "batch": batch, "res": size, "steps": args.steps}
+            outs = {}
+            for impl in impls:
+                outs[impl.name] = bench_one(
+                    impl, [args.prompt] * batch, size, compiled, device, args
+                )
+                rows.append({**row, "impl": impl.name, **outs[impl.name]})
+            print(progress_line(row, outs))
+    return add_ratios(rows)
+
+
+def progress_line(row: dict, outs: dict) -> str:
+    """First-call seconds (compile included) and, with both impls, how far their images differ."""
+    parts = [f"{k} first call {o['first_s']:.2f} s" for k, o in outs.items() if o["s"]]
+    if len(outs) == 2 and all(o["s"] for o in outs.values()):
+        diff = max_pixel_diff(outs["sdxl"]["images"], outs["diffusers"]["images"])
+        parts.append(f"max pixel diff ours vs diffusers {diff}/255")
+    return f"compile {row['compile']}, batch {row['batch']}: " + ", ".join(parts)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """ratio = s/image over diffusers' eager s/image at the same batch (below 1 = faster)."""
+    ref = {r["batch"]: r["s"] for r in rows if r["impl"] == "diffusers" and not r["compile"]}
+    for r in rows:
+        base = ref.get(r["batch"])
+        r["ratio"] = f"{r['s'] / base:.2f}" if base and r["s"] else "-"
+    return rows
+
+
+def _count(*modules: nn.Module) -> str:
+    return f"{sum(p.numel() for m in modules for p in m.parameters()):,}"
+
+
+def header(args, device, dtype, folder: Path, size: int, ours: Impl) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    unet, vae, *encoders = ours.networks
+    params = f"unet {_count(unet)}, vae {_count(vae)}, text encoders {_count(*encoders)}"
+    return (
+        f"device: {device.type} ({name or platform.machine()}), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}\n"
+        f"model: {args.model} ({folder})\nparams: {params}; {dtype}, {size}px, {args.steps} "
+        f"steps, {args.sampler}, guidance {args.guidance}, warmup {args.warmup}, iters {args.iters}"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table; ratio is s/image over diffusers' eager s/image at the same batch."""
+    lines = [
+        "| impl | compile | batch | res | steps | s/image | images/s | peak mem | ratio vs diffusers eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        per = r["s"] / r["batch"] if r["s"] else None
+        sec, ips = (f"{per:.3f}", f"{1 / per:.2f}") if per else ("-", "-")
+        lines.append(
+            f"| {r['impl']} | {'on' if r['compile'] else 'off'} | {r['batch']} | {r['res']} | "
+            f"{r['steps']} | {sec} | {ips} | {r['mem']} | {r['ratio']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    rows = run(parse_args(argv))
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

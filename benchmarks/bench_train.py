@@ -1,0 +1,310 @@
+"""Speed and peak memory of one LoRA training step: sdxl's, and diffusers+peft's on the same inputs.
+
+A step is what the training loop does per optimizer update: loss on cached-style inputs (latent
+mean/std, prompt embeds, pooled, time ids) via `sdxl.train.loss.per_sample_loss`, backward,
+gradient clipping, AdamW. Both UNets hold the same random weights (diffusers' init, copied into
+ours) and the same initial LoRA; the base is cast to --dtype and the LoRA factors stay fp32
+(ours: injected after the cast; diffusers: `cast_training_params`, as its LoRA SDXL script does).
+Prints the LoRA parameter counts (equal) and a markdown table for BENCHMARKS.md.
+
+    python benchmarks/bench_train.py --config sdxl --resolution 512 1024 --batch 1 4 \
+        --grad-checkpointing both --compare diffusers
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py --config tiny --resolution 128 \
+        --batch 1 2 --grad-checkpointing both --device cpu --compare diffusers --iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+from bench_unet import TOKENS, PeakMemory, build_models, load_config, pick_device, time_ms  # noqa: E402
+
+from sdxl.lora import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
+from sdxl.models.configs import SCHEDULER  # noqa: E402
+from sdxl.schedulers import NoiseSchedule  # noqa: E402
+from sdxl.train.config import TrainConfig  # noqa: E402
+from sdxl.train.loss import draw_step_noise, per_sample_loss  # noqa: E402
+from sdxl.train.optim import make_optimizer  # noqa: E402
+from sdxl.utils import to_dtype  # noqa: E402
+
+PEFT_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v"],
+    "attention_out": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+CKPT = {"on": [True], "off": [False], "both": [False, True]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="sdxl", help="sdxl | tiny | path to a unet config.json")
+    p.add_argument("--resolution", type=int, nargs="+", help="pixels; default sample_size*8")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, help="LoRA alpha; default = rank (diffusers' script)")
+    p.add_argument("--target", choices=list(PEFT_TARGETS), default="attention")
+    p.add_argument("--grad-checkpointing", choices=list(CKPT), default="on")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (GPU), fp32 (CPU)"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        choices=["off", "on"],
+        default="off",
+        help="torch.compile each UNet (--compile alone means on)",
+    )
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--compare", choices=["none", "diffusers"], default="none")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class DiffusersCall(nn.Module):
+    """diffusers' UNet behind our positional calling convention, so one loss function serves both."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, context, text_embeds, time_ids) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, context, added_cond_kwargs=added).sample
+
+
+def add_lora(models: dict, args: argparse.Namespace) -> dict[str, list[nn.Parameter]]:
+    """LoRA on both UNets (already cast to the base dtype); returns each one's fp32 LoRA params."""
+    alpha = args.alpha if args.alpha is not None else float(args.rank)
+    inject_lora(models["sdxl"], LoRAConfig(rank=args.rank, alpha=alpha, target=args.target))
+    params = {"sdxl": lora_parameters(models["sdxl"])}
+    if "diffusers" in models:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        ref = models["diffusers"]
+        ref.requires_grad_(False)
+        ref.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=alpha,
+                init_lora_weights="gaussian",
+                target_modules=PEFT_TARGETS[args.target],
+            )
+        )
+        cast_training_params(ref, dtype=torch.float32)
+        params["diffusers"] = [p for p in ref.parameters() if p.requires_grad]
+        copy_peft_init(models["sdxl"], ref)
+    return params
+
+
+def copy_peft_init(ours: nn.Module, ref: nn.Module) -> None:
+    """Start our LoRA from peft's (lora_A -> lora_down, lora_B -> lora_up): same loss, same grads."""
+    sd = ref.state_dict()
+    with torch.no_grad():
+        for name, m in lora_modules(ours).items():
+            m.lora_down.weight.copy_(sd[f"{name}.lora_A.default.weight"])
+            m.lora_up.weight.copy_(sd[f"{name}.lora_B.default.weight"])
+
+
+def make_batch(cfg: dict, batch: int, res: int, device: torch.device, seed: int) -> dict:
+    """Random stand-ins for one collated batch of the latent and text caches (fp32, on device)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    latent = (batch, cfg["in_channels"], res // 8, res // 8)
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    x = {
+        "mean": torch.randn(latent, generator=g),
+        "std": torch.rand(latent, generator=g) * 0.1,
+        "prompt_embeds": torch.randn(batch, TOKENS, cfg["cross_attention_dim"], generator=g),
+        "pooled": torch.randn(batch, pooled, generator=g),
+        "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(
+            batch, 1
+        ),
+    }
+    x["empty_embeds"], x["empty_pooled"] = (
+        torch.zeros_like(x["prompt_embeds"]),
+        torch.zeros_like(x["pooled"]),
+    )
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def make_step(model: nn.Module, params: list, x: dict, ctx: dict) -> Callable[[], torch.Tensor]:
+    """One optimizer update as the training loop does it: loss, backward, clip, AdamW."""
+    optimizer = make_optimizer(params, ctx["train_cfg"])
+    rnd = draw_step_noise(
+        torch.Generator().manual_seed(0),
+        x["mean"].shape[0],
+        tuple(x["mean"].shape[1:]),
+        ctx["train_cfg"],
+    )
+
+    def step() -> torch.Tensor:
+        per_sample = per_sample_loss(model, x, rnd, ctx["schedule"], ctx["train_cfg"], ctx["dtype"])
+        loss = per_sample.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def set_checkpointing(impl: str, model: nn.Module, enabled: bool) -> None:
+    if impl == "sdxl":
+        model.set_gradient_checkpointing(enabled)
+    elif enabled:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
+
+
+def callables(models: dict, compile_: bool) -> dict[str, nn.Module]:
+    """What the loss calls for each impl: the UNet (diffusers' behind an adapter), maybe compiled."""
+    out = {}
+    for impl, model in models.items():
+        model.train()
+        fn = torch.compile(model) if compile_ else model
+        out[impl] = DiffusersCall(fn) if impl == "diffusers" else fn
+    return out
+
+
+def check_parity(calls: dict, params: dict, x: dict, ctx: dict) -> str:
+    """Relative difference of the first loss and of the LoRA gradient norm, ours vs diffusers."""
+    loss, gnorm = {}, {}
+    rnd = draw_step_noise(
+        torch.Generator().manual_seed(0),
+        x["mean"].shape[0],
+        tuple(x["mean"].shape[1:]),
+        ctx["train_cfg"],
+    )
+    for impl in ("sdxl", "diffusers"):
+        per_sample = per_sample_loss(
+            calls[impl], x, rnd, ctx["schedule"], ctx["train_cfg"], ctx["dtype"]
+        )
+        per_sample.mean().backward()
+        loss[impl] = per_sample.mean().item()
+        gnorm[impl] = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in params[impl]])
+        ).item()
+        for p in params[impl]:
+            p.grad = None
+    rel = abs(loss["sdxl"] - loss["diffusers"]) / abs(loss["diffusers"])
+    grel = abs(gnorm["sdxl"] - gnorm["diffusers"]) / max(gnorm["diffusers"], 1e-30)
+    return f"first loss rel diff {rel:.2e}, LoRA grad-norm rel diff {grel:.2e}"
+
+
+def bench_one(
+    impl: str, call: nn.Module, model: nn.Module, params: list, x: dict, ctx: dict, args
+) -> dict:
+    """Time one impl on one (res, batch, ckpt); failures (OOM, compile) become the row's text."""
+    device = ctx["device"]
+    try:
+        with PeakMemory(device, model) as mem:
+            ms = time_ms(make_step(call, params, x, ctx), args.warmup, args.iters, device)
+        return {"ms": ms, "mem": mem.text}
+    except torch.OutOfMemoryError:
+        return {"ms": None, "mem": "OOM"}
+    except Exception as e:  # inductor needs a working C/C++ toolchain; say why and go on
+        if args.compile == "off":
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        print(f"{impl}: torch.compile failed: {type(e).__name__}: {first}")
+        return {"ms": None, "mem": "compile failed"}
+    finally:
+        for p in params:
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    cfg = load_config(args.config)
+    device = pick_device(args.device)
+    dtype = to_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    torch.manual_seed(args.seed)
+    models = build_models(cfg, device, dtype, args.compare == "diffusers")
+    params = add_lora(models, args)
+    counts = {impl: sum(p.numel() for p in ps) for impl, ps in params.items()}
+    print(header(args, device, dtype, models["sdxl"], counts))
+    if len(set(counts.values())) != 1:
+        raise SystemExit(f"LoRA parameter counts differ: {counts}")
+    ctx = {
+        "device": device,
+        "dtype": dtype,
+        "schedule": NoiseSchedule.from_config(SCHEDULER).to(device),
+        "train_cfg": TrainConfig(data_dir="-", lora_rank=args.rank, precision="fp32"),
+    }
+    calls = callables(models, args.compile == "on")
+    rows = []
+    for res in args.resolution or [8 * cfg.get("sample_size", 128)]:
+        for batch in args.batch:
+            x = make_batch(cfg, batch, res, device, args.seed)
+            if "diffusers" in models and args.compile == "off":
+                print(f"res {res}, batch {batch}: {check_parity(calls, params, x, ctx)}")
+            for ckpt in CKPT[args.grad_checkpointing]:
+                row = {"res": res, "batch": batch, "ckpt": ckpt, "dtype": dtype}
+                for impl, model in models.items():
+                    set_checkpointing(impl, model, ckpt)
+                    out = bench_one(impl, calls[impl], model, params[impl], x, ctx, args)
+                    rows.append({**row, "impl": impl, **out})
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """ratio = our ms/step / diffusers' ms/step on the same (res, batch, ckpt)."""
+    ref = {(r["res"], r["batch"], r["ckpt"]): r["ms"] for r in rows if r["impl"] == "diffusers"}
+    for r in rows:
+        base = ref.get((r["res"], r["batch"], r["ckpt"]))
+        r["ratio"] = f"{r['ms'] / base:.2f}" if base and r["ms"] else "-"
+    return rows
+
+
+def header(args, device: torch.device, dtype: torch.dtype, model: nn.Module, counts: dict) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    lora = ", ".join(f"{impl} {n:,}" for impl, n in counts.items())
+    return (
+        f"device: {device.type} ({name or platform.machine()}), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}\n"
+        f"config: {args.config} ({base:,} base params, {dtype}), LoRA rank {args.rank} "
+        f"target {args.target} (fp32 params: {lora}), compile {args.compile}, "
+        f"warmup {args.warmup}, iters {args.iters}"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table; ratio is our ms/step divided by diffusers' (below 1 = we are faster)."""
+    lines = [
+        "| impl | res | batch | ckpt | dtype | ms/step | images/s | peak mem | ratio vs diffusers |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        dtype = str(r["dtype"]).removeprefix("torch.")
+        ms = f"{r['ms']:.1f}" if r["ms"] else "-"
+        ips = f"{r['batch'] * 1000 / r['ms']:.2f}" if r["ms"] else "-"
+        lines.append(
+            f"| {r['impl']} | {r['res']} | {r['batch']} | {'on' if r['ckpt'] else 'off'} | "
+            f"{dtype} | {ms} | {ips} | {r['mem']} | {r['ratio']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    rows = run(parse_args(argv))
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
