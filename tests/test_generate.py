@@ -125,3 +125,42 @@ def test_cli_cycles_prompt_file(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert [(out / f"0000{i}.txt").read_text() for i in range(3)] == [
         "a red circle", "a blue square", "a red circle"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_dir, tmp_path_factory) -> Path:
+    """A LoRA from a short real training run on the bundled dataset (high LR so it matters)."""
+    from sdxl.train.config import TrainConfig
+    from sdxl.train.loop import train
+
+    data = tmp_path_factory.mktemp("lora-data")
+    for image in sorted((ROOT / "examples" / "shapes").glob("*.png"))[:4]:
+        (data / image.name).write_bytes(image.read_bytes())
+        (data / f"{image.stem}.txt").write_text(image.with_suffix(".txt").read_text())
+    out = tmp_path_factory.mktemp("lora-run")
+    train(TrainConfig(data_dir=str(data), pretrained_model=str(tiny_dir), output_dir=str(out),
+                      image_size=64, batch_size=2, max_steps=3, learning_rate=5e-2, precision="fp32",
+                      device="cpu", lora_rank=4, lora_alpha=4.0, lora_target_mode="attention_out",
+                      gradient_checkpointing=False))  # fmt: skip
+    return out / "lora_final.safetensors"
+
+
+def test_lora_changes_images_and_matches_diffusers(tiny_dir, tmp_path, one_worker, trained_lora):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "lora"
+    generate_dataset(_cfg(tiny_dir, out, prompts=PROMPTS[:2], loras=((str(trained_lora), 0.8),)), 1)
+    ours = _pixels(out)
+    base = _pixels(one_worker)
+    assert all(not np.array_equal(ours[name], base[name]) for name in ours)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(trained_lora.parent), weight_name=trained_lora.name)
+    pipe.fuse_lora(lora_scale=0.8)
+    for i, name in enumerate(sorted(ours)):
+        want = pipe(PROMPTS[i], width=64, height=64, num_inference_steps=2, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(3 + i)).images[0]  # fmt: skip
+        diff = np.abs(np.asarray(want, np.int16) - ours[name].astype(np.int16)).max()
+        assert diff <= 2, (name, diff)

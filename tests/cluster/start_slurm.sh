@@ -7,6 +7,7 @@
 # SLURM_TEST_INSTALL=0 to never apt-get install the packages.
 # Exit codes: 0 started, 2 cannot run here (not root, packages missing), 1 failed to start.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 STATE="${1:-/tmp/sdxl-slurm}"
@@ -15,7 +16,7 @@ PACKAGES=(slurm-wlm munge)
 RUN_CONF=/run/slurm/conf
 MARKER=sdxl-test-cluster
 
-die() { echo "start_slurm: $*" >&2; exit "${2:-1}"; }
+die() { echo "start_slurm: $1" >&2; exit "${2:-1}"; }
 
 ensure_packages() {
     local missing=0 cmd
@@ -28,8 +29,8 @@ ensure_packages() {
     fi
     echo "start_slurm: installing ${PACKAGES[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q "${PACKAGES[@]}" >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${PACKAGES[@]}" >/dev/null; } \
+    apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >/dev/null; } \
         || die "apt-get install ${PACKAGES[*]} failed" 2
 }
 
@@ -69,13 +70,13 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll until COMMAND succeeds
 # to STATE, as slurmd does on a configless cluster. Never touch a configuration we did not make.
 link_config() {
     [[ -e /etc/slurm/slurm.conf ]] \
-        && die "/etc/slurm/slurm.conf exists: this machine has its own SLURM, use that" 2
+        && die "/etc/slurm/slurm.conf exists: this machine has its own SLURM, use that"
     if [[ -e "$RUN_CONF" ]]; then
-        [[ -e "$RUN_CONF/$MARKER" ]] || die "$RUN_CONF exists and is not a test cluster's" 2
+        [[ -e "$RUN_CONF/$MARKER" ]] || die "$RUN_CONF exists and is not a test cluster's"
         local pid
         pid=$(cat "$RUN_CONF/run/slurmctld.pid" 2>/dev/null || true)
         [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
-            && die "another test cluster runs ($(readlink -f "$RUN_CONF")): stop it first" 2
+            && die "another test cluster runs ($(readlink -f "$RUN_CONF")): stop it first"
     fi
     mkdir -p "$(dirname "$RUN_CONF")"
     ln -sfn "$STATE" "$RUN_CONF"
@@ -95,7 +96,7 @@ main() {
     local pid
     pid=$(cat "$STATE/run/slurmctld.pid" 2>/dev/null || true)
     [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
-        && die "$STATE holds a running cluster: stop_slurm.sh $STATE first" 2
+        && die "$STATE holds a running cluster: stop_slurm.sh $STATE first"
     mkdir -p "$STATE"/{munge,run,log,ctld,slurmd}
     chmod 0755 "$STATE/munge"
     touch "$STATE/$MARKER"
