@@ -164,3 +164,27 @@ def test_lora_changes_images_and_matches_diffusers(tiny_dir, tmp_path, one_worke
                     generator=torch.Generator("cpu").manual_seed(3 + i)).images[0]  # fmt: skip
         diff = np.abs(np.asarray(want, np.int16) - ours[name].astype(np.int16)).max()
         assert diff <= 2, (name, diff)
+
+
+def test_a_failing_worker_fails_the_command(tiny_dir, tmp_path):
+    out = tmp_path / "fail"
+    out.mkdir()
+    (out / "00001.png").mkdir()  # worker 1 (odd indices) cannot write its first image
+    with pytest.raises(RuntimeError, match=r"worker 1 \(cpu\) failed") as err:
+        generate_dataset(_cfg(tiny_dir, out, prompts=PROMPTS[:4]), num_workers=2)
+    assert "00001.png" in str(err.value)
+    assert not (out / "captions.json").exists()
+
+
+def test_lora_for_another_architecture_is_a_clear_error(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "sd15.safetensors"
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320)},
+              str(lora), metadata={"ss_base_model_version": "sd_v1"})  # fmt: skip
+    result = _cli("--pretrained-model", str(tiny_dir), "--prompt", "x", "--image-size", "64",
+                  "--lora-checkpoint", str(lora), "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode != 0
+    assert "not a usable SDXL UNet LoRA" in result.stderr and "sd_v1" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -169,3 +169,99 @@ def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
     for a, b in zip(*rows, strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-4 * abs(float(a[key])), (key, a, b)
+
+
+def test_lr_schedules_warm_up_from_the_first_step():
+    from sdxl.train.optim import lr_at
+
+    def lrs(kind):
+        return [lr_at(s, _cfg("t", "d", "o", lr_scheduler=kind, warmup_steps=4), 12) for s in range(1, 13)]
+
+    assert lrs("constant")[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert lrs("linear")[-1] == pytest.approx(0.0) and lrs("linear")[7] == pytest.approx(5e-4)
+    assert lrs("cosine")[7] == pytest.approx(5e-4) and lrs("cosine")[-1] == pytest.approx(0.0)
+
+
+def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
+    from sdxl.data.cache import CachedDataset
+    from sdxl.schedulers import NoiseSchedule
+    from sdxl.train.loss import draw_step_noise, per_sample_loss
+    from sdxl.weights import load_component
+
+    unet = load_component(tiny_dir, "unet", dtype=torch.float32, device="cpu")
+    data = CachedDataset(cache_dir / "latents", cache_dir / "text")
+    schedule = NoiseSchedule.from_config(json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()))
+    item, (empty_embeds, empty_pooled) = data[0], data.empty_text()
+    batch = {k: item[k][None] for k in ("mean", "std", "prompt_embeds", "pooled", "time_ids")}
+    batch["empty_embeds"], batch["empty_pooled"] = empty_embeds[None], empty_pooled[None]
+    as_empty = {**batch, "prompt_embeds": empty_embeds[None], "pooled": empty_pooled[None]}
+    shape = tuple(item["mean"].shape)
+    keep = draw_step_noise(torch.Generator().manual_seed(1), 1, shape, _cfg("t", "d", "o"))
+    drop = draw_step_noise(torch.Generator().manual_seed(1), 1, shape, _cfg("t", "d", "o", caption_dropout=0.999999))
+    cfg = _cfg("t", "d", "o")
+    with torch.no_grad():
+        dropped = per_sample_loss(unet, batch, drop, schedule, cfg, torch.float32)
+        assert torch.equal(dropped, per_sample_loss(unet, as_empty, keep, schedule, cfg, torch.float32))
+        assert not torch.equal(dropped, per_sample_loss(unet, batch, keep, schedule, cfg, torch.float32))
+    assert item["time_ids"].tolist()[-2:] == [64.0, 64.0]  # target size = the 64 px bucket
+
+
+def test_non_finite_loss_skips_the_step_and_names_the_sample(tiny_dir, cache_dir, tmp_path, caplog, monkeypatch):
+    from sdxl.data.cache import CachedDataset
+
+    original = CachedDataset.__getitem__
+    bad_key = original(CachedDataset(cache_dir / "latents", cache_dir / "text"), 0)["key"]
+
+    def poisoned(self, i):
+        item = original(self, i)
+        if item["key"] == bad_key:
+            item = {**item, "mean": torch.full_like(item["mean"], float("nan"))}
+        return item
+
+    monkeypatch.setattr(CachedDataset, "__getitem__", poisoned)
+    out = tmp_path / "nan"
+    train(_cfg(tiny_dir, cache_dir, out, num_epochs=1))
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert sum(int(r["skipped"]) for r in rows) >= 1
+    assert any(bad_key in r.message and "skipped" in r.message for r in caplog.records)
+    state = torch.load(out / "checkpoint_final.pt", weights_only=True)["lora"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_ema_weights_are_exported(tiny_dir, cache_dir, tmp_path):
+    out = tmp_path / "ema"
+    train(_cfg(tiny_dir, cache_dir, out, use_ema=True, ema_decay=0.5, max_steps=4))
+    live = torch.load(out / "checkpoint_final.pt", weights_only=True)
+    shadow = live["ema"]["shadow"]
+    assert shadow and all(s.dtype == torch.float32 for s in shadow)
+    exported = _lora(out)
+    ups = [k for k in exported if k.endswith("lora_up.weight")]
+    live_ups = [v for k, v in live["lora"].items() if k.endswith("lora_up.weight")]
+    assert any(not torch.allclose(exported[k].float(), v) for k, v in zip(ups, live_ups, strict=False))
+
+
+def test_strict_data_fails_with_one_clear_error(tiny_dir, small_dataset, tmp_path):
+    from sdxl.data.dataset import DatasetError
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("a broken image")
+    with pytest.raises(DatasetError, match="broken.png"):
+        train(_cfg(tiny_dir, data, tmp_path / "out", strict_data=True, max_steps=1))
+    train(_cfg(tiny_dir, data, tmp_path / "skip", max_steps=1))  # default policy: skipped
+    assert "broken.png" in (tmp_path / "skip" / "cache" / "problems.tsv").read_text()
+
+
+def test_wandb_logging_in_offline_mode(tiny_dir, cache_dir, tmp_path, monkeypatch):
+    """W&B gets the same metrics; a stand-in module records what the trainer sends."""
+    import types
+
+    logged, inits = [], []
+    run = types.SimpleNamespace(log=lambda data, step: logged.append((step, data)), finish=lambda: None)
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run, Image=lambda p: p)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(_cfg(tiny_dir, cache_dir, tmp_path / "wb", wandb_project="sdxl-test", max_steps=2))
+    assert inits[0]["project"] == "sdxl-test" and inits[0]["config"]["lora_rank"] == 4
+    assert [s for s, _ in logged] == [1, 2] and "train/loss" in logged[0][1]

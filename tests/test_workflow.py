@@ -106,7 +106,7 @@ def would_run(workdir: Path, config: dict | None = None) -> set[str]:
             dag.execute_workflow(executor="dryrun", updated_files=updated)
     finally:
         os.chdir(cwd)
-    return {rule_of(os.path.relpath(p, workdir)) for p in updated}
+    return {rule_of(os.path.relpath(p, workdir) if os.path.isabs(p) else p) for p in updated}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,103 @@
+"""Train an SDXL LoRA; flags and defaults follow the original project's train_sdxl.py.
+
+Example (CPU, tiny model, bundled dataset):
+    uv run python train_sdxl.py --data_dir examples/shapes --pretrained_model builtin:tiny \
+        --image_size 128 --num_epochs 2 --precision fp32 --output_dir outputs
+Multi-GPU: torchrun --nproc_per_node 4 train_sdxl.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sdxl.train.config import LR_SCHEDULES, PRECISIONS, PREDICTIONS, TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig(data_dir="")
+    a = p.add_argument
+    a("--data_dir", required=True, help="image+caption folder, or a cache folder built by the pipeline")
+    a("--pretrained_model", default=d.pretrained_model, help="diffusers SDXL folder or builtin:tiny")
+    a("--vae_model", default=None, help="optional diffusers VAE folder used to encode the latents")
+    a("--output_dir", default=d.output_dir)
+    a("--use_lora", action="store_true", default=True, help="always on (kept for compatibility)")
+    a("--lora_rank", type=int, default=d.lora_rank)
+    a("--lora_alpha", type=float, default=d.lora_alpha)
+    a("--lora_dropout", type=float, default=d.lora_dropout)
+    a("--lora_target_mode", default=d.lora_target_mode, choices=["attention", "attention_out", "all"])
+    a("--lora_targets", nargs="+", default=[], help="regexes over UNet module paths (overrides the mode)")
+    a("--lora_conv", action="store_true", help="also train LoRA on resnet convs (LoCon)")
+    a("--batch_size", type=int, default=d.batch_size)
+    a("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    a("--num_epochs", type=int, default=d.num_epochs)
+    a("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--learning_rate", type=float, default=d.learning_rate)
+    a("--lr_scheduler", default=d.lr_scheduler, choices=LR_SCHEDULES)
+    a("--warmup_steps", type=int, default=d.warmup_steps)
+    a("--adam_weight_decay", type=float, default=d.adam_weight_decay)
+    a("--adam_beta1", type=float, default=d.adam_beta1)
+    a("--adam_beta2", type=float, default=d.adam_beta2)
+    a("--adam_epsilon", type=float, default=d.adam_epsilon)
+    a("--8_bit_adam", dest="use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
+    a("--max_grad_norm", type=float, default=d.max_grad_norm, help="<= 0 disables clipping")
+    a("--precision", default=d.precision, choices=PRECISIONS)
+    a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    a("--use_ema", action="store_true")
+    a("--ema_decay", type=float, default=d.ema_decay)
+    a("--prediction_type", default=d.prediction_type, choices=PREDICTIONS)
+    a("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma weighting (off unless set; 5 is usual)")
+    a("--noise_offset", type=float, default=d.noise_offset)
+    a("--caption_dropout", type=float, default=d.caption_dropout, help="probability of an empty caption")
+    a("--timestep_min", type=int, default=d.timestep_min)
+    a("--timestep_max", type=int, default=d.timestep_max)
+    a("--image_size", type=int, default=d.image_size, help="bucket area = image_size^2 (512 or 1024 families)")
+    a("--center_crop", action="store_true", help="center crop instead of random crop")
+    a("--random_flip", action=argparse.BooleanOptionalAction, default=True)
+    a("--min_image_size", type=int, default=d.min_image_size)
+    a("--strict_data", action="store_true", help="fail on any bad dataset item instead of skipping it")
+    a("--save_interval", type=int, default=d.save_interval, help="checkpoint every N epochs")
+    a("--checkpoint_steps", type=int, default=d.checkpoint_steps, help="checkpoint every N steps (0: off)")
+    a("--resume_from", default="auto", help="checkpoint path, 'auto' (latest in output_dir) or 'none'")
+    a("--log_interval", type=int, default=d.log_interval)
+    a("--wandb_project", default=None)
+    a("--wandb_run_name", default=None)
+    a("--validation_caption_file", default=None, help="prompts for validation grids, one per line")
+    a("--validation_interval", type=int, default=d.validation_interval, help="steps between grids (0: off)")
+    a("--num_validation_images", type=int, default=d.num_validation_images)
+    a("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
+    a("--validation_steps", type=int, default=d.validation_steps)
+    a("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, default=d.seed)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = vars(args).copy()
+    values.pop("use_lora")
+    prompts_file = values.pop("validation_caption_file")
+    if prompts_file:
+        from sdxl.generate.prompts import read_prompt_file
+
+        values["validation_prompts"] = read_prompt_file(Path(prompts_file))
+    return TrainConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(build_parser().parse_args(argv))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    from sdxl.train.loop import train
+
+    out = train(cfg)
+    print(f"done: {out / 'lora_final.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
