@@ -186,10 +186,12 @@ def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
 
     work = clone(finished, tmp_path / "run")
     run = work / "results/train/demo"
-    # What a job killed after its step-2 checkpoint leaves behind.
+    # What a first run killed during training, after its step-2 checkpoint, leaves behind.
     for name in ("lora_final.safetensors", "lora_final.pt", "config.json", "checkpoint_final.pt"):
         (run / name).unlink()
     (run / "checkpoints/checkpoint-step0000004.pt").unlink()
+    for later in ("results/generate", "results/dataset", "results/report"):
+        shutil.rmtree(work / later)
     with (run / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= 2]
     with (run / "metrics.csv").open("w", newline="") as f:
@@ -306,3 +308,26 @@ def test_slurm_profile_targets_real_rules():
     for rule, resources in profile["set-resources"].items():
         assert not ("gpu" in resources and "gres" in resources), rule
     assert profile["executor"] == "slurm" and "gpu" in profile["resources"]
+
+
+def test_two_gpu_training_runs_ddp_and_matches_one_process(finished, tmp_path):
+    """train_lora with gpu=2 goes through torchrun; on CPU (gloo) it trains what one process does."""
+    from safetensors.torch import load_file
+
+    from sdxl.train.config import TrainConfig
+    from sdxl.train.launch import run_training
+
+    run = finished / "results/train/demo"
+    settings = json.loads((run / "config.json").read_text())
+    settings.update(data_dir=str(finished / "results/cache"), output_dir=str(tmp_path / "ddp"),
+                    pretrained_model=str(finished / "results/weights/model"), validation_interval=0)  # fmt: skip
+    run_training(TrainConfig.from_dict(settings), num_gpus=2)
+    with (run / "metrics.csv").open() as a, (tmp_path / "ddp/metrics.csv").open() as b:
+        one, two = ([float(r["loss"]) for r in csv.DictReader(f)] for f in (a, b))
+    assert two == pytest.approx(one, abs=1e-5)
+    before, after = (
+        load_file(run / "lora_final.safetensors"),
+        load_file(tmp_path / "ddp/lora_final.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3

@@ -10,7 +10,6 @@ which the Snakemake plugin runs without SLURM_* variables, find it at /run/slurm
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -58,27 +57,12 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def job_gpus(self, job_id: str) -> list[int]:
-        """The GPU indices SLURM allocated to a job (kept MinJobAge after it ended)."""
-        detail = self.run("scontrol", "show", "job", "--details", str(job_id))
-        match = re.search(r"GRES=gpu(?::\w+)?:\d+\(IDX:([\d,-]+)\)", detail)
-        return _expand_indices(match[1]) if match else []
-
     def logs(self) -> str:
         """The tail of every daemon log, for failure messages."""
         return "\n".join(
             f"== {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
             for log in sorted((self.state / "log").glob("*.log"))
         )
-
-
-def _expand_indices(text: str) -> list[int]:
-    """'0-2,5' -> [0, 1, 2, 5]."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a single-node SLURM (munged, slurmctld, slurmd on 127.0.0.1, two fake GPUs) whose
 # files all live under STATE_DIR; stop it with stop_slurm.sh STATE_DIR.
-#   sudo tests/cluster/start_slurm.sh /tmp/sdxl-slurm && export SLURM_CONF=/tmp/sdxl-slurm/slurm.conf
+#   sudo tests/cluster/start_slurm.sh /tmp/sdxl-slurm; export SLURM_CONF=/tmp/sdxl-slurm/slurm.conf
 # Environment: SLURM_TEST_CPUS (default nproc), SLURM_TEST_MEM_MB (default: physical memory),
 # SLURM_TEST_CTLD_PORT / SLURM_TEST_SLURMD_PORT (default 6817 / 6818),
 # SLURM_TEST_INSTALL=0 to never apt-get install the packages.
@@ -28,10 +28,13 @@ ensure_packages() {
         die "SLURM is not installed and apt-get is not usable: install ${PACKAGES[*]}" 2
     fi
     echo "start_slurm: installing ${PACKAGES[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >/dev/null; } \
+    apt_install >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt_install >/dev/null; } \
         || die "apt-get install ${PACKAGES[*]} failed" 2
+}
+
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 }
 
 memory_mb() {
@@ -39,7 +42,7 @@ memory_mb() {
 }
 
 fill_template() {
-    sed -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$NODE|g" -e "s|@HOST@|$(hostname -s)|g" \
+    sed -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$NODE|g" -e "s|@HOST@|$(uname -n | cut -d. -f1)|g" \
         -e "s|@CTLD_PORT@|${SLURM_TEST_CTLD_PORT:-6817}|g" \
         -e "s|@SLURMD_PORT@|${SLURM_TEST_SLURMD_PORT:-6818}|g" \
         -e "s|@CPUS@|${SLURM_TEST_CPUS:-$(nproc)}|g" \

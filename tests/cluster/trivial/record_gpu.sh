@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Record the GPU(s) SLURM gave this job into $1, after waiting (up to 60 s) until both GPU
-# jobs of the trivial workflow have started, so that they certainly overlap.
+# Record into $1 the GPU this job sees (CUDA_VISIBLE_DEVICES) and the one SLURM allocated to
+# it (scontrol's IDX, only shown while the job runs), after waiting up to 60 s until both
+# GPU jobs have started, so that they certainly hold their GPUs at the same time.
 set -euo pipefail
 mkdir -p started
 touch "started/$SLURM_JOB_ID"
@@ -8,4 +9,7 @@ for _ in $(seq 300); do
     (($(ls started | wc -l) >= 2)) && break
     sleep 0.2
 done
-echo "cuda=${CUDA_VISIBLE_DEVICES:-none} job=$SLURM_JOB_ID started=$(ls started | wc -l)" > "$1"
+idx=$(scontrol show job --details "$SLURM_JOB_ID" \
+    | sed -n 's/.*GRES=gpu[^(]*(IDX:\([0-9,-]*\)).*/\1/p')
+echo "cuda=${CUDA_VISIBLE_DEVICES:-none} slurm_idx=${idx:-none} job=$SLURM_JOB_ID" \
+    "started=$(ls started | wc -l)" > "$1"
