@@ -331,7 +331,9 @@ def _count(*modules: nn.Module) -> str:
 
 
 def header(args, device, dtype, folder: Path, size: int, ours: Impl) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = platform.processor()
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     unet, vae, *encoders = ours.networks
     params = f"unet {_count(unet)}, vae {_count(vae)}, text encoders {_count(*encoders)}"
     return (

@@ -271,7 +271,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def header(args, device: torch.device, dtype: torch.dtype, model: nn.Module, counts: dict) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = platform.processor()
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     lora = ", ".join(f"{impl} {n:,}" for impl, n in counts.items())
     return (

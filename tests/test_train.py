@@ -265,3 +265,13 @@ def test_wandb_logging_in_offline_mode(tiny_dir, cache_dir, tmp_path, monkeypatc
     train(_cfg(tiny_dir, cache_dir, tmp_path / "wb", wandb_project="sdxl-test", max_steps=2))
     assert inits[0]["project"] == "sdxl-test" and inits[0]["config"]["lora_rank"] == 4
     assert [s for s, _ in logged] == [1, 2] and "train/loss" in logged[0][1]
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tiny_dir, cache_dir, tmp_path):
+    out = tmp_path / "changed"
+    with pytest.raises(StopTraining):
+        train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1), stop_after=1)
+    with pytest.raises(ValueError, match=r"learning_rate: 0.001 -> 0.002"):
+        train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1, learning_rate=2e-3))
+    train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1, num_epochs=1, resume_from="none"))
+    assert (out / "lora_final.safetensors").is_file()

@@ -128,6 +128,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume_from {path}: no such checkpoint")
         state = load_checkpoint(path)
+        check_resumable(state.get("config", {}), self.cfg, path)
         from sdxl.lora import load_lora_state_dict
 
         load_lora_state_dict(self.unet, state["lora"])
@@ -281,6 +282,25 @@ class Trainer:
                 self.ema.swap()
             metrics.close()
         distributed.barrier()
+
+
+# Settings that may change between a run and its resumption without changing what is learned.
+RESUME_SAFE = {"output_dir", "resume_from", "device", "log_interval", "wandb_project", "wandb_run_name",
+               "validation_prompts", "validation_interval", "num_validation_images",
+               "validation_guidance_scale", "validation_steps", "checkpoint_steps", "save_interval",
+               "num_epochs", "max_steps", "data_dir", "cache_batch_size"}  # fmt: skip
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to continue a checkpoint made with other training settings."""
+    saved, current = (json.loads(json.dumps(c)) for c in (saved, cfg.to_dict()))  # tuples -> lists
+    changed = sorted(k for k in current if k not in RESUME_SAFE and saved.get(k) != current[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(
+            f"{path} was made with other settings ({diff}); use another --output_dir, or "
+            "--resume_from none to start over in this one"
+        )
 
 
 def training_samples(data: CachedDataset, random_flip: bool) -> tuple[list[int], dict[int, int]]:
