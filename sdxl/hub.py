@@ -23,7 +23,9 @@ COMPONENT_WEIGHTS = {
 CONFIG_FILES = ("scheduler/scheduler_config.json", "model_index.json")
 
 
-def select_files(repo_files: list[str], variant: str | None = None, weights: bool = True) -> list[str]:
+def select_files(
+    repo_files: list[str], variant: str | None = None, weights: bool = True
+) -> list[str]:
     """The subset of a repo's files that a diffusers-layout SDXL needs.
 
     Tokenizers, configs and scheduler always; with `weights`, each component's safetensors in
@@ -47,7 +49,11 @@ def _component_weights(files: set[str], comp: str, stem: str, variant: str | Non
             return [single]
         if index in files:
             shard_prefix = f"{comp}/{stem}-"
-            shards = [f for f in files if f.startswith(shard_prefix) and f.endswith(f"{suffix}.safetensors")]
+            shards = [
+                f
+                for f in files
+                if f.startswith(shard_prefix) and f.endswith(f"{suffix}.safetensors")
+            ]
             return [index, *sorted(shards)]
     raise FileNotFoundError(
         f"the repository has no safetensors weights for {comp}/ "

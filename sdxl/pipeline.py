@@ -144,7 +144,9 @@ class SDXLPipeline:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)  # fmt: skip
-        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        noise = torch.cat(
+            [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        )
         cond = self._conditioning(prompts, negative_prompt, width, height, guidance_scale)
         model = guided_model(self.unet, cond, guidance_scale, guidance_rescale)
         return schedulers.sample(
@@ -271,7 +273,9 @@ def _assemble(modules: dict, config_dir: Path, source: str) -> SDXLPipeline:
                                "(download it again with download_weights.sh)")  # fmt: skip
     index = json.loads(index_file.read_text())
     unet_config = config_dir / "unet" / "config.json"
-    sample_size = json.loads(unet_config.read_text()).get("sample_size", 128) if unet_config.exists() else 128
+    sample_size = (
+        json.loads(unet_config.read_text()).get("sample_size", 128) if unet_config.exists() else 128
+    )
     return SDXLPipeline(
         unet=modules["unet"],
         vae=modules["vae"],

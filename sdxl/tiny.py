@@ -58,9 +58,7 @@ def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     """Plain BPE on `words` (each ending in </w> as CLIP does), most frequent pair first."""
     byte_map = _bytes_to_unicode()
     seqs = Counter(
-        tuple(
-            [byte_map[b] for b in w.encode()][:-1] + [byte_map[w.encode()[-1]] + "</w>"]
-        )
+        tuple([byte_map[b] for b in w.encode()][:-1] + [byte_map[w.encode()[-1]] + "</w>"])
         for w in words
     )
     merges: list[tuple[str, str]] = []
@@ -169,7 +167,9 @@ def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     write_tokenizer(folder / "tokenizer", pad_token=END)
     write_tokenizer(folder / "tokenizer_2", pad_token="!")
     scheduler = dict(SCHEDULER, _diffusers_version="0.42.1")
-    atomic_write_text(folder / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
+    atomic_write_text(
+        folder / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2)
+    )
     index = dict(MODEL_INDEX, _diffusers_version="0.42.1")
     atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2))  # last: marks done
     return folder

@@ -69,7 +69,9 @@ def test_coco_files_agree_with_disk(one_worker):
         assert (one_worker / info["file_name"]).is_file()
         with Image.open(one_worker / info["file_name"]) as im:
             assert im.size == (info["width"], info["height"])
-            assert im.text["parameters"].startswith(PROMPTS[image_id] + "\nSteps: 2, Sampler: euler")
+            assert im.text["parameters"].startswith(
+                PROMPTS[image_id] + "\nSteps: 2, Sampler: euler"
+            )
             assert json.loads(im.text["sdxl"])["seed"] == 3 + image_id
         caption = coco.loadAnns(coco.getAnnIds(imgIds=image_id))[0]["caption"]
         assert caption == PROMPTS[image_id] == (one_worker / f"{image_id:05d}.txt").read_text()

@@ -36,7 +36,9 @@ def test_fp32_selection_is_exactly_what_sdxl_needs():
     ]
     assert got[-1] == "model_index.json"
     assert "scheduler/scheduler_config.json" in got and "tokenizer_2/vocab.json" in got
-    assert not any(f.startswith(("vae_1_0", "vae_decoder")) or f.endswith((".onnx", ".bin")) for f in got)
+    assert not any(
+        f.startswith(("vae_1_0", "vae_decoder")) or f.endswith((".onnx", ".bin")) for f in got
+    )
 
 
 def test_fp16_variant_and_configs_only():

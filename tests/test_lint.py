@@ -25,3 +25,9 @@ def test_library_never_imports_reference_packages():
     for path in (ROOT / "sdxl").rglob("*.py"):
         match = pattern.search(path.read_text())
         assert match is None, f"{path.relative_to(ROOT)} imports a test-only package: {match[0]!r}"
+
+
+def test_ruff_format_is_clean():
+    cmd = [_ruff(), "format", "--check", "."]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -37,7 +37,9 @@ def _reference_images(pipe, sampler, prompts, negative, seed, **kw):
 
     name, overrides = DIFFUSERS_SCHEDULERS[sampler]
     # from the original config: a scheduler built from another's config inherits its options
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.original_scheduler_config, **overrides)
+    pipe.scheduler = getattr(diffusers, name).from_config(
+        pipe.original_scheduler_config, **overrides
+    )
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
     return pipe(
         prompts,

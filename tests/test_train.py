@@ -62,7 +62,10 @@ def test_outputs_and_metrics(tiny_dir, cache_dir, tmp_path):
     for name in ("lora_final.pt", "lora_final.safetensors", "checkpoint_final.pt", "config.json",
                  "metrics.csv"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-0000002.png",
+        "step-0000004.png",
+    ]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["loss"]) > 0 and float(r["lr"]) == 1e-3 for r in rows)
@@ -83,17 +86,23 @@ def _eval_loss(tiny_dir, cache_dir, lora_file: Path | None) -> float:
     if lora_file is not None:
         apply_loras(unet, [(load_lora_file(lora_file, unet)[0], 1.0)])
     data = CachedDataset(cache_dir / "latents", cache_dir / "text")
-    schedule = NoiseSchedule.from_config(json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()))
+    schedule = NoiseSchedule.from_config(
+        json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
+    )
     cfg = _cfg(tiny_dir, cache_dir, "unused")
     empty_embeds, empty_pooled = data.empty_text()
     losses = []
     with torch.no_grad():
         for i in range(len(data)):
             item = data[i]
-            batch = {k: item[k][None] for k in ("mean", "std", "prompt_embeds", "pooled", "time_ids")}
+            batch = {
+                k: item[k][None] for k in ("mean", "std", "prompt_embeds", "pooled", "time_ids")
+            }
             batch["empty_embeds"], batch["empty_pooled"] = empty_embeds[None], empty_pooled[None]
             for k in range(4):
-                rnd = draw_step_noise(torch.Generator().manual_seed(100 * i + k), 1, tuple(item["mean"].shape), cfg)
+                rnd = draw_step_noise(
+                    torch.Generator().manual_seed(100 * i + k), 1, tuple(item["mean"].shape), cfg
+                )
                 losses.append(per_sample_loss(unet, batch, rnd, schedule, cfg, torch.float32))
     return torch.cat(losses).mean().item()
 
@@ -154,7 +163,9 @@ def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, double = tmp_path / "single", tmp_path / "ddp"
     script = str(ROOT / "train_sdxl.py")
-    subprocess.run([sys.executable, script, *args, "--output_dir", str(single)], check=True, env=env)
+    subprocess.run(
+        [sys.executable, script, *args, "--output_dir", str(single)], check=True, env=env
+    )
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", "29611", script, *args, "--output_dir", str(double)],
                    check=True, env=env)  # fmt: skip
@@ -175,7 +186,10 @@ def test_lr_schedules_warm_up_from_the_first_step():
     from sdxl.train.optim import lr_at
 
     def lrs(kind):
-        return [lr_at(s, _cfg("t", "d", "o", lr_scheduler=kind, warmup_steps=4), 12) for s in range(1, 13)]
+        return [
+            lr_at(s, _cfg("t", "d", "o", lr_scheduler=kind, warmup_steps=4), 12)
+            for s in range(1, 13)
+        ]
 
     assert lrs("constant")[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
     assert lrs("linear")[-1] == pytest.approx(0.0) and lrs("linear")[7] == pytest.approx(5e-4)
@@ -190,23 +204,33 @@ def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
 
     unet = load_component(tiny_dir, "unet", dtype=torch.float32, device="cpu")
     data = CachedDataset(cache_dir / "latents", cache_dir / "text")
-    schedule = NoiseSchedule.from_config(json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text()))
+    schedule = NoiseSchedule.from_config(
+        json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
+    )
     item, (empty_embeds, empty_pooled) = data[0], data.empty_text()
     batch = {k: item[k][None] for k in ("mean", "std", "prompt_embeds", "pooled", "time_ids")}
     batch["empty_embeds"], batch["empty_pooled"] = empty_embeds[None], empty_pooled[None]
     as_empty = {**batch, "prompt_embeds": empty_embeds[None], "pooled": empty_pooled[None]}
     shape = tuple(item["mean"].shape)
     keep = draw_step_noise(torch.Generator().manual_seed(1), 1, shape, _cfg("t", "d", "o"))
-    drop = draw_step_noise(torch.Generator().manual_seed(1), 1, shape, _cfg("t", "d", "o", caption_dropout=0.999999))
+    drop = draw_step_noise(
+        torch.Generator().manual_seed(1), 1, shape, _cfg("t", "d", "o", caption_dropout=0.999999)
+    )
     cfg = _cfg("t", "d", "o")
     with torch.no_grad():
         dropped = per_sample_loss(unet, batch, drop, schedule, cfg, torch.float32)
-        assert torch.equal(dropped, per_sample_loss(unet, as_empty, keep, schedule, cfg, torch.float32))
-        assert not torch.equal(dropped, per_sample_loss(unet, batch, keep, schedule, cfg, torch.float32))
+        assert torch.equal(
+            dropped, per_sample_loss(unet, as_empty, keep, schedule, cfg, torch.float32)
+        )
+        assert not torch.equal(
+            dropped, per_sample_loss(unet, batch, keep, schedule, cfg, torch.float32)
+        )
     assert item["time_ids"].tolist()[-2:] == [64.0, 64.0]  # target size = the 64 px bucket
 
 
-def test_non_finite_loss_skips_the_step_and_names_the_sample(tiny_dir, cache_dir, tmp_path, caplog, monkeypatch):
+def test_non_finite_loss_skips_the_step_and_names_the_sample(
+    tiny_dir, cache_dir, tmp_path, caplog, monkeypatch
+):
     from sdxl.data.cache import CachedDataset
 
     original = CachedDataset.__getitem__
@@ -237,7 +261,9 @@ def test_ema_weights_are_exported(tiny_dir, cache_dir, tmp_path):
     exported = _lora(out)
     ups = [k for k in exported if k.endswith("lora_up.weight")]
     live_ups = [v for k, v in live["lora"].items() if k.endswith("lora_up.weight")]
-    assert any(not torch.allclose(exported[k].float(), v) for k, v in zip(ups, live_ups, strict=False))
+    assert any(
+        not torch.allclose(exported[k].float(), v) for k, v in zip(ups, live_ups, strict=False)
+    )
 
 
 def test_strict_data_fails_with_one_clear_error(tiny_dir, small_dataset, tmp_path):
@@ -258,7 +284,9 @@ def test_wandb_logging_in_offline_mode(tiny_dir, cache_dir, tmp_path, monkeypatc
     import types
 
     logged, inits = [], []
-    run = types.SimpleNamespace(log=lambda data, step: logged.append((step, data)), finish=lambda: None)
+    run = types.SimpleNamespace(
+        log=lambda data, step: logged.append((step, data)), finish=lambda: None
+    )
     fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run, Image=lambda p: p)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -25,23 +25,44 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"--image-size must be N or WxH (e.g. 1024 or 1152x896), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--image-size must be N or WxH (e.g. 1024 or 1152x896), got {text!r}"
+        )
     return parts[0], parts[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained-model", default="./weights/sdxl-base-1.0",
-                   help="diffusers folder, single-file .safetensors, or builtin:tiny")
-    p.add_argument("--lora-checkpoint", action="append", default=[],
-                   help="LoRA file (kohya .safetensors, lora_final.pt, PEFT); repeatable")
-    p.add_argument("--lora-scale", action="append", type=float, default=[],
-                   help="multiplier per --lora-checkpoint, in the same order (default 1.0)")
-    p.add_argument("--no-merge-lora", action="store_true",
-                   help="keep LoRAs as separate layers instead of merging them into the weights")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--pretrained-model",
+        default="./weights/sdxl-base-1.0",
+        help="diffusers folder, single-file .safetensors, or builtin:tiny",
+    )
+    p.add_argument(
+        "--lora-checkpoint",
+        action="append",
+        default=[],
+        help="LoRA file (kohya .safetensors, lora_final.pt, PEFT); repeatable",
+    )
+    p.add_argument(
+        "--lora-scale",
+        action="append",
+        type=float,
+        default=[],
+        help="multiplier per --lora-checkpoint, in the same order (default 1.0)",
+    )
+    p.add_argument(
+        "--no-merge-lora",
+        action="store_true",
+        help="keep LoRAs as separate layers instead of merging them into the weights",
+    )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt, used for every image")
-    prompt.add_argument("--prompt-file", help="text file, one prompt per line (blank lines skipped)")
+    prompt.add_argument(
+        "--prompt-file", help="text file, one prompt per line (blank lines skipped)"
+    )
     p.add_argument("--negative-prompt", default="", help="empty = zero embeddings, as SDXL base")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--shuffle-prompts", action="store_true")

@@ -17,19 +17,38 @@ from sdxl.train.config import LR_SCHEDULES, PRECISIONS, PREDICTIONS, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = TrainConfig(data_dir="")
     a = p.add_argument
-    a("--data_dir", required=True, help="image+caption folder, or a cache folder built by the pipeline")
-    a("--pretrained_model", default=d.pretrained_model, help="diffusers SDXL folder or builtin:tiny")
+    a(
+        "--data_dir",
+        required=True,
+        help="image+caption folder, or a cache folder built by the pipeline",
+    )
+    a(
+        "--pretrained_model",
+        default=d.pretrained_model,
+        help="diffusers SDXL folder or builtin:tiny",
+    )
     a("--vae_model", default=None, help="optional diffusers VAE folder used to encode the latents")
     a("--output_dir", default=d.output_dir)
     a("--use_lora", action="store_true", default=True, help="always on (kept for compatibility)")
     a("--lora_rank", type=int, default=d.lora_rank)
     a("--lora_alpha", type=float, default=d.lora_alpha)
     a("--lora_dropout", type=float, default=d.lora_dropout)
-    a("--lora_target_mode", default=d.lora_target_mode, choices=["attention", "attention_out", "all"])
-    a("--lora_targets", nargs="+", default=[], help="regexes over UNet module paths (overrides the mode)")
+    a(
+        "--lora_target_mode",
+        default=d.lora_target_mode,
+        choices=["attention", "attention_out", "all"],
+    )
+    a(
+        "--lora_targets",
+        nargs="+",
+        default=[],
+        help="regexes over UNet module paths (overrides the mode)",
+    )
     a("--lora_conv", action="store_true", help="also train LoRA on resnet convs (LoCon)")
     a("--batch_size", type=int, default=d.batch_size)
     a("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
@@ -49,24 +68,57 @@ def build_parser() -> argparse.ArgumentParser:
     a("--use_ema", action="store_true")
     a("--ema_decay", type=float, default=d.ema_decay)
     a("--prediction_type", default=d.prediction_type, choices=PREDICTIONS)
-    a("--min_snr_gamma", type=float, default=None, help="min-SNR-gamma weighting (off unless set; 5 is usual)")
+    a(
+        "--min_snr_gamma",
+        type=float,
+        default=None,
+        help="min-SNR-gamma weighting (off unless set; 5 is usual)",
+    )
     a("--noise_offset", type=float, default=d.noise_offset)
-    a("--caption_dropout", type=float, default=d.caption_dropout, help="probability of an empty caption")
+    a(
+        "--caption_dropout",
+        type=float,
+        default=d.caption_dropout,
+        help="probability of an empty caption",
+    )
     a("--timestep_min", type=int, default=d.timestep_min)
     a("--timestep_max", type=int, default=d.timestep_max)
-    a("--image_size", type=int, default=d.image_size, help="bucket area = image_size^2 (512 or 1024 families)")
+    a(
+        "--image_size",
+        type=int,
+        default=d.image_size,
+        help="bucket area = image_size^2 (512 or 1024 families)",
+    )
     a("--center_crop", action="store_true", help="center crop instead of random crop")
     a("--random_flip", action=argparse.BooleanOptionalAction, default=True)
     a("--min_image_size", type=int, default=d.min_image_size)
-    a("--strict_data", action="store_true", help="fail on any bad dataset item instead of skipping it")
+    a(
+        "--strict_data",
+        action="store_true",
+        help="fail on any bad dataset item instead of skipping it",
+    )
     a("--save_interval", type=int, default=d.save_interval, help="checkpoint every N epochs")
-    a("--checkpoint_steps", type=int, default=d.checkpoint_steps, help="checkpoint every N steps (0: off)")
-    a("--resume_from", default="auto", help="checkpoint path, 'auto' (latest in output_dir) or 'none'")
+    a(
+        "--checkpoint_steps",
+        type=int,
+        default=d.checkpoint_steps,
+        help="checkpoint every N steps (0: off)",
+    )
+    a(
+        "--resume_from",
+        default="auto",
+        help="checkpoint path, 'auto' (latest in output_dir) or 'none'",
+    )
     a("--log_interval", type=int, default=d.log_interval)
     a("--wandb_project", default=None)
     a("--wandb_run_name", default=None)
     a("--validation_caption_file", default=None, help="prompts for validation grids, one per line")
-    a("--validation_interval", type=int, default=d.validation_interval, help="steps between grids (0: off)")
+    a(
+        "--validation_interval",
+        type=int,
+        default=d.validation_interval,
+        help="steps between grids (0: off)",
+    )
     a("--num_validation_images", type=int, default=d.num_validation_images)
     a("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
     a("--validation_steps", type=int, default=d.validation_steps)
@@ -87,7 +139,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         cfg = config_from_args(build_parser().parse_args(argv))
     except (ValueError, FileNotFoundError) as err:

@@ -29,7 +29,9 @@ def coco_captions(records: Sequence[dict], description: str) -> dict:
     return {"info": info, "licenses": [], "images": images, "annotations": annotations}
 
 
-def write_dataset_files(out_dir: Path, records: Sequence[dict], description: str, sheet_size: int = 16) -> None:
+def write_dataset_files(
+    out_dir: Path, records: Sequence[dict], description: str, sheet_size: int = 16
+) -> None:
     """captions.json, metadata.jsonl and contact_sheet.png for the images in `records`."""
     atomic_write_text(out_dir / "captions.json", json.dumps(coco_captions(records, description)))
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
@@ -38,7 +40,9 @@ def write_dataset_files(out_dir: Path, records: Sequence[dict], description: str
         write_contact_sheet(out_dir, records[:sheet_size], out_dir / "contact_sheet.png")
 
 
-def write_contact_sheet(image_dir: Path, records: Sequence[dict], path: Path, cell: int = 256) -> None:
+def write_contact_sheet(
+    image_dir: Path, records: Sequence[dict], path: Path, cell: int = 256
+) -> None:
     """A grid of thumbnails with their prompts, for a quick look at a dataset."""
     thumbs = []
     for r in records:

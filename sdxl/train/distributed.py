@@ -32,7 +32,9 @@ def setup(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise RuntimeError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

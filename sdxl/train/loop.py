@@ -172,7 +172,9 @@ class Trainer:
                                   tuple(first["mean"].shape), cfg)  # fmt: skip
             mine = rank_slice(len(global_batch), self.dist.rank, self.dist.world)
             batch = self.collate(global_batch[mine], rnd.take(mine))
-            per_sample = per_sample_loss(self.unet, batch, rnd.take(mine), self.schedule, cfg, self.dtype)
+            per_sample = per_sample_loss(
+                self.unet, batch, rnd.take(mine), self.schedule, cfg, self.dtype
+            )
             loss = per_sample.sum() / (len(global_batch) * len(group))
             self.scaler.scale(loss).backward()
             losses.append(per_sample.detach())
@@ -184,7 +186,9 @@ class Trainer:
         per_sample = torch.cat(losses)
         skipped = not bool(torch.isfinite(grad_norm))  # one host sync per optimizer step
         if skipped and self.dtype != torch.float16:
-            bad = [k for k, v in zip(keys, per_sample.tolist(), strict=True) if not math.isfinite(v)]
+            bad = [
+                k for k, v in zip(keys, per_sample.tolist(), strict=True) if not math.isfinite(v)
+            ]
             log.warning("step %d: non-finite gradients, update skipped; samples with non-finite "
                         "loss: %s", self.position.step + 1, bad or "none (overflow in backward)")  # fmt: skip
         else:
@@ -250,7 +254,9 @@ class Trainer:
         return Validator(self.model_dir, prompts, cfg.image_size, cfg.validation_guidance_scale,
                          cfg.validation_steps, cfg.seed, self.scheduler_config)  # fmt: skip
 
-    def _log(self, metrics: MetricsLog, window: list[dict], epoch: int, seconds: float, bar) -> float:
+    def _log(
+        self, metrics: MetricsLog, window: list[dict], epoch: int, seconds: float, bar
+    ) -> float:
         loss = torch.stack([w["loss"] for w in window]).mean().item()
         row = {
             "step": self.position.step,
@@ -274,7 +280,9 @@ class Trainer:
             if self.ema:
                 self.ema.swap()
             state = lora_state_dict(self.unet)
-            layout = lora_formats.UNetLayout.from_module_names([n for n, _ in self.unet.named_modules()])
+            layout = lora_formats.UNetLayout.from_module_names(
+                [n for n, _ in self.unet.named_modules()]
+            )
             meta = {"ss_training_steps": str(self.position.step), "ss_seed": str(self.cfg.seed)}
             lora_formats.save_seed_pt(self.out / "lora_final.pt", state, step=self.position.step)
             lora_formats.save_kohya(self.out / "lora_final.safetensors", state, meta, layout=layout)

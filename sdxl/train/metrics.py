@@ -11,7 +11,14 @@ COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "peak_mem
 class MetricsLog:
     """Append rows to metrics.csv; on resume, rows past the resumed step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int, wandb_project: str | None, run_name: str | None, config: dict):
+    def __init__(
+        self,
+        path: Path,
+        resume_step: int,
+        wandb_project: str | None,
+        run_name: str | None,
+        config: dict,
+    ):
         self.path = path
         rows = []
         if resume_step and path.exists():
@@ -29,13 +36,17 @@ class MetricsLog:
                 raise RuntimeError(
                     "--wandb_project needs wandb: install it with `uv sync --extra wandb`"
                 ) from None
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+            self.wandb = wandb.init(
+                project=wandb_project, name=run_name, config=config, resume="allow"
+            )
 
     def log(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, COLUMNS).writerow({k: row.get(k, "") for k in COLUMNS})
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.wandb.log(
+                {f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"]
+            )
 
     def log_images(self, step: int, path: Path) -> None:
         if self.wandb is not None:
