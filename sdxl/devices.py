@@ -14,6 +14,9 @@ Where the device list comes from, first match wins:
 - `nvidia-smi -L`: every GPU of the machine;
 - none of these: no GPU, the job runs on the CPU.
 
+`SDXL_FAKE_GPUS=1` makes the devices names only (test clusters whose GPUs are /dev/null): they
+are claimed exactly as real ones, but the job computes on the CPU.
+
 This module never imports torch: call `claim_devices` before anything imports it.
 """
 
@@ -33,7 +36,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
+# A scheduler's job id variable -> the scheduler's name.
+SCHEDULER_JOB_VARS = {"SLURM_JOB_ID": "SLURM", "PBS_JOBID": "PBS", "LSB_JOBID": "LSF"}
 _held: list = []  # open lock files; closing one (or exiting) releases its lock
 
 
@@ -43,11 +47,12 @@ class Claim:
 
     devices: tuple[str, ...]
     source: str  # where the devices came from: SDXL_GPUS, scheduler, CUDA_VISIBLE_DEVICES, ...
+    fake: bool = False  # SDXL_FAKE_GPUS: the devices exist only as names, compute on the CPU
 
     @property
     def torch_device(self) -> str:
         """'cuda' (the claimed devices are then cuda:0..n-1) or 'cpu'."""
-        return "cuda" if self.devices else "cpu"
+        return "cuda" if self.devices and not self.fake else "cpu"
 
 
 def lock_dir() -> Path:
@@ -57,6 +62,19 @@ def lock_dir() -> Path:
     if os.environ.get("XDG_RUNTIME_DIR"):
         return Path(os.environ["XDG_RUNTIME_DIR"]) / "sdxl-gpu-locks"
     return Path(tempfile.gettempdir()) / f"sdxl-gpu-locks-{os.getuid()}"
+
+
+def _fake() -> bool:
+    """SDXL_FAKE_GPUS is set: the devices are only names (see the module docstring)."""
+    return os.environ.get("SDXL_FAKE_GPUS", "") not in ("", "0")
+
+
+def _scheduler_job() -> str:
+    """'SLURM job 42' (or PBS, LSF) when a scheduler started this process, else ''."""
+    for var, scheduler in SCHEDULER_JOB_VARS.items():
+        if os.environ.get(var):
+            return f"{scheduler} job {os.environ[var]}"
+    return ""
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -81,8 +99,7 @@ def candidate_devices() -> tuple[tuple[str, ...], str]:
         return _split(os.environ["SDXL_GPUS"]), "SDXL_GPUS"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        by_scheduler = any(os.environ.get(v) for v in SCHEDULER_JOB_VARS)
-        return _split(visible), "scheduler" if by_scheduler else "CUDA_VISIBLE_DEVICES"
+        return _split(visible), "scheduler" if _scheduler_job() else "CUDA_VISIBLE_DEVICES"
     return _nvidia_smi_devices(), "nvidia-smi"
 
 
@@ -135,6 +152,8 @@ def claim_devices(count: int, *, timeout: float | None = None, poll: float = 1.0
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     devices, source = candidate_devices()
+    if job := _scheduler_job():
+        log.info("running as %s", job)  # the job's log then names the scheduler job it ran in
     if count == 0 or not devices:
         return Claim((), source if devices else "no GPU")
     if count > len(devices):
@@ -143,8 +162,11 @@ def claim_devices(count: int, *, timeout: float | None = None, poll: float = 1.0
             f"{','.join(devices)}); lower the rule's gpu resource"
         )
     if source == "scheduler":
-        log.info("using the scheduler's devices %s", ",".join(devices))
-        return Claim(devices[:count], source)
+        # SLURM_STEP_GPUS: SLURM's own index of the devices (equal to CUDA_VISIBLE_DEVICES
+        # unless cgroups renumber them); logged so a job's log shows whose devices it used.
+        log.info("using the scheduler's devices: CUDA_VISIBLE_DEVICES=%s SLURM_STEP_GPUS=%s",
+                 ",".join(devices), os.environ.get("SLURM_STEP_GPUS", "-"))  # fmt: skip
+        return Claim(devices[:count], source, _fake())
     _check_torch_not_started()
     return _wait_for_locks(devices, source, count, timeout, poll)
 
@@ -170,7 +192,7 @@ def _wait_for_locks(devices, source: str, count: int, timeout, poll: float) -> C
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # nvidia-smi's numbering
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(claimed)
     log.info("claimed GPU(s) %s (%s; locks in %s)", ",".join(claimed), source, folder)
-    return Claim(claimed, source)
+    return Claim(claimed, source, _fake())
 
 
 def release_devices() -> None:

@@ -38,7 +38,7 @@ def start(snakemake, gpus: int = 0):
 
 def precision(claim, wanted: str) -> str:
     """The asked precision on GPU; fp32 on the CPU, where half precision is slow or missing."""
-    return wanted if claim.devices else "fp32"
+    return wanted if claim.torch_device == "cuda" else "fp32"
 
 
 def job_fingerprint(snakemake) -> str:

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sdxl.train.loop import train
 
+    # Which rank runs where: a job's log then shows torchrun's processes on its devices.
+    log.info("rank %s of %s, CUDA_VISIBLE_DEVICES=%s", os.environ.get("RANK", "0"),
+             os.environ.get("WORLD_SIZE", "1"), os.environ.get("CUDA_VISIBLE_DEVICES", "-"))  # fmt: skip
     train(TrainConfig.from_dict(json.loads(Path(args[0]).read_text())))
     return 0
 
