@@ -91,7 +91,9 @@ def dataset_files(wildcards):
 
 def train_settings():
     """The training slice plus the image size the latents were cached at (one source of truth)."""
-    return {**config["train"], "image_size": config["cache"]["latents"]["image_size"]}
+    # gpus is how, not what: DDP learns the same LoRA, so it is left out of the params.
+    settings = {k: v for k, v in config["train"].items() if k != "gpus"}
+    return {**settings, "image_size": config["cache"]["latents"]["image_size"]}
 
 
 def log_file(name):

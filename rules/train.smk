@@ -17,7 +17,7 @@ rule train_lora:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        gpu=1,
+        gpu=config["train"]["gpus"],
     params:
         train=train_settings(),
     message:

@@ -42,6 +42,7 @@ SETTINGS = {
     "data": {"policy": "fail"},
     "cache": {"latents": {"shards": 1}},
     "generate": {"num_images": 4},
+    "train": {"gpus": 2},  # train_lora asks for two GPUs and runs torchrun
 }
 BAD_IMAGE = "examples/shapes/99_broken.png"
 SLURM_RULES = ["validate_captions", "cache_latents", "cache_text", "train_lora", "generate",
@@ -69,19 +70,6 @@ def prepare(workdir: Path) -> Path:
     copy_workflow(workdir)
     (workdir / TEST_CONFIG).write_text(yaml.safe_dump(SETTINGS))
     return workdir
-
-
-def ddp_overlay(folder: Path) -> Path:
-    """tests/cluster/overlay with the SLURM profile's set-resources, train_lora on two GPUs.
-
-    (A workflow profile replaces a profile's keys whole, so set-resources is copied over.)"""
-    overlay = yaml.safe_load((OVERLAY / "config.v8+.yaml").read_text())
-    profile_file = Path(__file__).resolve().parents[1] / "profiles/slurm/config.v8+.yaml"
-    resources = yaml.safe_load(profile_file.read_text())["set-resources"]
-    resources["train_lora"] = {**resources["train_lora"], "gpu": 2}
-    folder.mkdir(parents=True)
-    (folder / "config.v8+.yaml").write_text(yaml.safe_dump({**overlay, "set-resources": resources}))
-    return folder
 
 
 @dataclass(frozen=True)
@@ -118,7 +106,7 @@ def run_slurm(cluster: SlurmCluster, workdir: Path, overlay: Path, name: str) ->
 def start_local(workdir: Path) -> subprocess.Popen:
     """The same config locally: two fake GPUs shared out by the lock-file allocator."""
     cmd = [str(BIN / "snakemake"), "--configfile", DEMO_CONFIG, TEST_CONFIG, "--cores", "2",
-           "--resources", "gpu=2", "--set-resources", "train_lora:gpu=2", "--set-threads",
+           "--resources", "gpu=2", "--set-threads",
            "cache_latents=1", "cache_text=1", "train_lora=1", "generate=1", "--nocolor"]  # fmt: skip
     env = _env(SDXL_GPUS="0,1", SDXL_GPU_LOCK_DIR=str(workdir.parent / "locks"))
     with (workdir.parent / "local.txt").open("w") as log:  # the child keeps its own copy
@@ -163,7 +151,7 @@ def runs(cluster, tmp_path_factory) -> Runs:
     local = prepare(root / "local" / "run")
     local_run = start_local(local)  # runs while the cluster does: most of a SLURM run is waiting
     work = prepare(root / "slurm")
-    overlay = ddp_overlay(root / "overlay")
+    overlay = OVERLAY
     try:
         (work / BAD_IMAGE).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
         (work / BAD_IMAGE).with_suffix(".txt").write_text("a broken file\n")
