@@ -19,8 +19,6 @@ vocabulary size changes only the embedding lookup, not the UNet/VAE/encoder cost
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import platform
 import sys
 import tempfile
@@ -37,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench_unet import PeakMemory, pick_device  # noqa: E402
 
 from sdxl import load_pipeline  # noqa: E402
-from sdxl.models.configs import MODEL_INDEX, SCHEDULER, SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
-from sdxl.tiny import BUILTIN_TINY, END, ensure_tiny_sdxl, write_tokenizer  # noqa: E402
-from sdxl.utils import atomic_path, atomic_write_text, to_dtype  # noqa: E402
+from sdxl.models.configs import SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
+from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl, write_random_sdxl  # noqa: E402
+from sdxl.utils import to_dtype  # noqa: E402
 
 RANDOM_SDXL = "sdxl-random"
 DIFFUSERS_SCHEDULERS = {
@@ -92,7 +90,12 @@ def resolve_model(args: argparse.Namespace, device: torch.device, dtype: torch.d
         folder = Path(args.model_dir or Path(tempfile.gettempdir()) / name)
         if not (folder / "model_index.json").exists():
             print(f"writing full-size random SDXL ({dtype}) to {folder} ...", flush=True)
-            write_random_sdxl(folder, dtype, args.seed, device)
+            # Text encoders get the tiny tokenizer's vocabulary; their cost barely changes.
+            configs = {
+                name: {**cfg, "vocab_size": TINY_VOCAB_SIZE} if name.startswith("text") else cfg
+                for name, cfg in SDXL_BASE.items()
+            }
+            write_random_sdxl(folder, configs, args.seed, dtype, device)
         return folder
     folder = Path(args.model)
     if not (folder / "model_index.json").is_file():
@@ -100,66 +103,6 @@ def resolve_model(args: argparse.Namespace, device: torch.device, dtype: torch.d
             f"--model {args.model!r}: not a diffusers SDXL folder (no model_index.json)"
         )
     return folder
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Build modules directly in `dtype`: a full-size fp32 UNet would not fit next to its copy."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def random_component(name: str, config: dict, seed: int) -> nn.Module:
-    """One SDXL network with PyTorch's default random init, seeded."""
-    from sdxl.models.clip import CLIPTextConfig, CLIPTextModel
-    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
-    from sdxl.models.vae import AutoencoderKL, VAEConfig
-
-    build = {
-        "unet": lambda c: UNet2DConditionModel(UNetConfig.from_dict(c)),
-        "vae": lambda c: AutoencoderKL(VAEConfig.from_dict(c)),
-        "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c)),
-        "text_encoder_2": lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c)),
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build[name](config)
-
-
-def write_random_sdxl(folder: Path, dtype: torch.dtype, seed: int, device: torch.device) -> None:
-    """Write SDXL base's architecture with random weights in diffusers layout, one network at a time.
-
-    The networks are initialised on `device` (a GPU does the 3.4 B random draws in seconds).
-    """
-    from safetensors.torch import save_file
-
-    for k, name in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
-        config = dict(SDXL_BASE[name])
-        if name.startswith("text_encoder"):
-            config |= {"vocab_size": TINY_VOCAB_SIZE, "transformers_version": "5.24.0"}
-            weights = "model.safetensors"
-        else:
-            config["_diffusers_version"] = "0.42.1"
-            weights = "diffusion_pytorch_model.safetensors"
-        with default_dtype(dtype), torch.device(device):
-            module = random_component(name, config, seed + k)
-        atomic_write_text(folder / name / "config.json", json.dumps(config, indent=2))
-        with atomic_path(folder / name / weights) as tmp:
-            state = {key: t.detach().contiguous() for key, t in module.state_dict().items()}
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        del module
-    write_tokenizer(folder / "tokenizer", pad_token=END)
-    write_tokenizer(folder / "tokenizer_2", pad_token="!")
-    scheduler = dict(SCHEDULER, _diffusers_version="0.42.1")
-    atomic_write_text(
-        folder / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2)
-    )
-    index = dict(MODEL_INDEX, _diffusers_version="0.42.1")
-    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2))  # last: marks done
 
 
 # ----------------------------------------------------------------------------- pipelines

@@ -7,9 +7,11 @@ with small widths (`sdxl.models.configs.TINY`) and seeded random weights, writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -124,34 +126,37 @@ def write_tokenizer(folder: str | Path, pad_token: str = END) -> None:
     atomic_write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))
 
 
-def _tiny_modules(seed: int) -> dict[str, torch.nn.Module]:
-    """Build the four tiny networks with seeded weights (global RNG left untouched)."""
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _build(name: str, config: dict) -> torch.nn.Module:
     from sdxl.models.clip import CLIPTextConfig, CLIPTextModel
     from sdxl.models.unet import UNet2DConditionModel, UNetConfig
     from sdxl.models.vae import AutoencoderKL, VAEConfig
 
-    builders = {
-        "unet": lambda: UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])),
-        "vae": lambda: AutoencoderKL(VAEConfig.from_dict(TINY["vae"])),
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(TINY["text_encoder"])),
-        "text_encoder_2": lambda: CLIPTextModel(CLIPTextConfig.from_dict(TINY["text_encoder_2"])),
-    }
-    modules = {}
-    with torch.random.fork_rng(devices=[]):
-        for k, (name, build) in enumerate(builders.items()):
-            torch.manual_seed(seed + k)
-            modules[name] = build()
-    return modules
+    if name == "unet":
+        return UNet2DConditionModel(UNetConfig.from_dict(config))
+    if name == "vae":
+        return AutoencoderKL(VAEConfig.from_dict(config))
+    return CLIPTextModel(CLIPTextConfig.from_dict(config))
 
 
-def _save_component(folder: Path, name: str, module: torch.nn.Module) -> None:
-    diffusers_style = name in ("unet", "vae")
-    config = dict(TINY[name])
-    if diffusers_style:
-        config["_diffusers_version"] = "0.42.1"
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _save_component(folder: Path, name: str, config: dict, module: torch.nn.Module) -> None:
+    if name in ("unet", "vae"):
+        config = {**config, "_diffusers_version": "0.42.1"}
         weights = "diffusion_pytorch_model.safetensors"
     else:
-        config["transformers_version"] = "5.24.0"
+        config = {**config, "transformers_version": "5.24.0"}
         weights = "model.safetensors"
     atomic_write_text(folder / name / "config.json", json.dumps(config, indent=2))
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
@@ -159,11 +164,25 @@ def _save_component(folder: Path, name: str, module: torch.nn.Module) -> None:
         save_file(state, str(tmp), metadata={"format": "pt"})
 
 
-def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
-    """Write the complete tiny SDXL (weights, configs, tokenizers, scheduler) into `folder`."""
+def write_random_sdxl(
+    folder: str | Path,
+    configs: dict = TINY,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write an SDXL of `configs` with seeded random weights in diffusers layout.
+
+    One network at a time (full size fits in memory), initialised in `dtype` on `device`;
+    tokenizers are the tiny byte-level BPE, so text encoder vocab sizes must be TINY_VOCAB_SIZE.
+    """
     folder = Path(folder)
-    for name, module in _tiny_modules(seed).items():
-        _save_component(folder, name, module)
+    for k, name in enumerate(COMPONENTS):
+        with torch.random.fork_rng(devices=[]), _default_dtype(dtype), torch.device(device):
+            torch.manual_seed(seed + k)
+            module = _build(name, configs[name])
+        _save_component(folder, name, configs[name], module)
+        del module
     write_tokenizer(folder / "tokenizer", pad_token=END)
     write_tokenizer(folder / "tokenizer_2", pad_token="!")
     scheduler = dict(SCHEDULER, _diffusers_version="0.42.1")
@@ -173,6 +192,11 @@ def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     index = dict(MODEL_INDEX, _diffusers_version="0.42.1")
     atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2))  # last: marks done
     return folder
+
+
+def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Write the complete tiny SDXL (weights, configs, tokenizers, scheduler) into `folder`."""
+    return write_random_sdxl(folder, TINY, seed)
 
 
 def default_tiny_dir() -> Path:
