@@ -9,7 +9,6 @@ installable (CI is root and installs `slurm-wlm munge`).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -18,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm_cluster import OVERLAY, SlurmCluster, cluster_or_skip
+from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster, cluster_or_skip
 
 TRIVIAL = Path(__file__).resolve().parent / "cluster" / "trivial"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 # A device index the submitting shell pretends to have: jobs must see SLURM's, never this one.
 CANARY_DEVICE = "7"
 
@@ -31,20 +29,6 @@ CANARY_DEVICE = "7"
 def cluster():
     with cluster_or_skip() as running:
         yield running
-
-
-@dataclass(frozen=True)
-class Run:
-    """One snakemake invocation: its exit code, output, and the SLURM jobs it submitted."""
-
-    returncode: int
-    output: str
-    seconds: float
-
-    @property
-    def submitted(self) -> dict[str, str]:
-        """SLURM job id -> the job's SLURM log path, as the plugin reported them."""
-        return dict(SUBMITTED.findall(self.output))
 
 
 def snakemake(cluster: SlurmCluster, workdir: Path, *targets: str) -> Run:

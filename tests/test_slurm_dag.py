@@ -29,10 +29,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.cluster.slurm_cluster import OVERLAY, SlurmCluster, cluster_or_skip
+from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster, cluster_or_skip
 from tests.test_workflow import BIN, DEMO_CONFIG, copy_workflow
 
-SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 # A device the submitting shell pretends to have: SLURM jobs must see SLURM's, never this one.
 CANARY_DEVICE = "7"
 TEST_CONFIG = "test-config.yaml"
@@ -70,26 +69,6 @@ def prepare(workdir: Path) -> Path:
     copy_workflow(workdir)
     (workdir / TEST_CONFIG).write_text(yaml.safe_dump(SETTINGS))
     return workdir
-
-
-@dataclass(frozen=True)
-class Run:
-    """One snakemake invocation: exit code, output, and the SLURM jobs it submitted."""
-
-    returncode: int
-    output: str
-    seconds: float
-
-    @property
-    def submitted(self) -> dict[str, str]:
-        """SLURM job id -> the job's SLURM log, as the plugin reported them."""
-        return dict(SUBMITTED.findall(self.output))
-
-    def rules(self) -> dict[str, str]:
-        """SLURM job id -> rule (the plugin files each SLURM log under rule_<name>/)."""
-        return {
-            job: re.search(r"/rule_(\w+)/", log).group(1) for job, log in self.submitted.items()
-        }
 
 
 def run_slurm(cluster: SlurmCluster, workdir: Path, overlay: Path, name: str) -> Run:

@@ -10,6 +10,7 @@ which the Snakemake plugin runs without SLURM_* variables, find it at /run/slurm
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -112,3 +113,27 @@ def cluster_or_skip(cpus: int | None = None, mem_mb: int = MEM_MB) -> Iterator[S
         yield cluster
     finally:
         stop_cluster(cluster)
+
+
+# What the executor plugin prints for each job it submits.
+SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One snakemake invocation: exit code, output, and the SLURM jobs it submitted."""
+
+    returncode: int
+    output: str
+    seconds: float
+
+    @property
+    def submitted(self) -> dict[str, str]:
+        """SLURM job id -> the job's SLURM log, as the plugin reported them."""
+        return dict(SUBMITTED.findall(self.output))
+
+    def rules(self) -> dict[str, str]:
+        """SLURM job id -> rule (the plugin files each SLURM log under rule_<name>/)."""
+        return {
+            job: re.search(r"/rule_(\w+)/", log).group(1) for job, log in self.submitted.items()
+        }
