@@ -1,4 +1,4 @@
-"""Small helpers shared by the whole library: dtype names and atomic file writes."""
+"""Small helpers shared by the whole library: dtype names, atomic file writes, temp cleanup."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
 
 
+TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)  # read the process umask (the only way) and put it back at once
 os.umask(_UMASK)
 
@@ -42,12 +43,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give what open() would give
     try:
         yield tmp
+        # mkstemp (and safetensors' save_file, whatever the file had) make 0600 files: give the
+        # mode open() would give, so other accounts (ComfyUI on a shared cluster) can read it.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -57,3 +60,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Delete the temp files of atomic writes that a killed process left in `folder`.
+
+    Call it only while holding the folder's lock (sdxl.procs.folder_lock): a live writer's
+    temp file is then impossible. Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(f".*{TEMP_SUFFIX}") if recursive else folder.glob(f".*{TEMP_SUFFIX}")
+    removed = []
+    for path in found:
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdxl import convert
+from sdxl.errors import UserError
 from sdxl.models.configs import SDXL_BASE
 from sdxl.utils import atomic_path, to_dtype
 
@@ -31,7 +32,7 @@ _EXPECTED_CLASS = {  # what config.json must declare for each component
 _REDOWNLOAD = "the file is incomplete or corrupt; delete it and download it again"
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Weights that cannot be loaded; the message names the file, the problem and the fix."""
 
 
