@@ -5,9 +5,16 @@
 #   snakemake --cores all --resources gpu=4                # this config.yaml on a GPU box
 #   snakemake --workflow-profile profiles/slurm            # a SLURM cluster
 #   snakemake --report results/report.html                 # the report of the last run
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+sys.path.insert(0, workflow.basedir)  # the sdxl package beside this file
+from sdxl.workflow_config import check_yaml_file
+
+# A broken config.yaml: one line naming file:line (snakemake's own message names neither).
+check_yaml_file("config.yaml")
 
 
 configfile: "config.yaml"
@@ -29,6 +36,7 @@ localrules:
     all,
     weights,
     merge_latents,
+    record_config,
     report,
 
 

@@ -31,7 +31,7 @@ from bench_unet import TOKENS, PeakMemory, build_models, load_config, pick_devic
 from sdxl.lora import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
 from sdxl.models.configs import SCHEDULER  # noqa: E402
 from sdxl.schedulers import NoiseSchedule  # noqa: E402
-from sdxl.train.config import TrainConfig  # noqa: E402
+from sdxl.train.config import TrainConfig, for_model  # noqa: E402
 from sdxl.train.loss import draw_step_noise, per_sample_loss  # noqa: E402
 from sdxl.train.optim import make_optimizer  # noqa: E402
 from sdxl.utils import to_dtype  # noqa: E402
@@ -243,7 +243,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         "device": device,
         "dtype": dtype,
         "schedule": NoiseSchedule.from_config(SCHEDULER).to(device),
-        "train_cfg": TrainConfig(data_dir="-", lora_rank=args.rank, precision="fp32"),
+        "train_cfg": for_model(
+            TrainConfig(data_dir="-", lora_rank=args.rank, precision="fp32"),
+            SCHEDULER,
+            "the SDXL base scheduler",
+        ),
     }
     calls = callables(models, args.compile == "on")
     rows = []

@@ -3,6 +3,11 @@ import os
 
 from snakemake.utils import validate
 
+from sdxl.workflow_config import check_config
+
+# check_config first: one line naming the bad key (snakemake's error dumps ~180 lines);
+# validate then fills in the schema's defaults.
+check_config(config, os.path.join(workflow.basedir, "schemas/config.schema.yaml"))
 validate(config, "../schemas/config.schema.yaml")
 
 BUILTIN_TINY = "builtin:tiny"
@@ -38,10 +43,11 @@ CODE = {
              "convert.py", "utils.py"],  # fmt: skip
     "train": ["train/__init__.py", "train/launch.py", "train/caches.py", "train/checkpoint.py",
               "train/config.py", "train/data_order.py", "train/distributed.py", "train/ema.py",
-              "train/loop.py", "train/loss.py", "train/metrics.py", "train/optim.py",
-              "train/validation.py", "data/cache.py", "lora.py", "lora_formats.py",
-              "models/unet.py", "models/vae.py", "models/clip.py", "schedulers.py", "pipeline.py",
-              "text.py", "images.py", "weights.py", "convert.py", "utils.py"],  # fmt: skip
+              "train/export.py", "train/loop.py", "train/loss.py", "train/metrics.py",
+              "train/optim.py", "train/validation.py", "data/cache.py", "lora.py",
+              "lora_formats.py", "models/unet.py", "models/vae.py", "models/clip.py",
+              "schedulers.py", "pipeline.py", "text.py", "images.py", "weights.py", "convert.py",
+              "utils.py"],  # fmt: skip
     "generate": ["generate/prompts.py", "generate/run.py", "generate/writers.py", "pipeline.py",
                  "schedulers.py", "lora.py", "lora_formats.py", "models/unet.py",
                  "models/vae.py", "models/clip.py", "text.py", "weights.py", "convert.py",
@@ -89,11 +95,18 @@ def dataset_files(wildcards):
     return found
 
 
+def prompts_file(wildcards):
+    """The prompt file, through a function: Snakemake writes every rule's literal input paths
+    unescaped into report.html, and this one is the user's to choose."""
+    return config["generate"]["prompts_file"]
+
+
 def train_settings():
-    """The training slice plus the image size the latents were cached at (one source of truth)."""
-    # gpus is how, not what: DDP learns the same LoRA, so it is left out of the params.
-    settings = {k: v for k, v in config["train"].items() if k != "gpus"}
-    return {**settings, "image_size": config["cache"]["latents"]["image_size"]}
+    """The training slice plus the image size the latents were cached at (one source of truth).
+
+    gpus is part of it: batch_size is per GPU, so the GPU count changes what is learned.
+    """
+    return {**config["train"], "image_size": config["cache"]["latents"]["image_size"]}
 
 
 def log_file(name):

@@ -6,11 +6,7 @@ rule validate_captions:
     output:
         manifest="results/data/manifest.csv",
         problems="results/data/problems.tsv",
-        html=report(
-            "results/data/problems.html",
-            caption="../report/problems.rst",
-            category="Dataset",
-        ),
+        html="results/data/problems.html",
     log:
         log_file("validate_captions"),
     conda:

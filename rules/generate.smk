@@ -3,7 +3,7 @@ rule generate:
         lora=rules.train_lora.output.lora,
         model=rules.weights.output.model,
         manifest=rules.weights.output.manifest,
-        prompts=config["generate"]["prompts_file"],
+        prompts=prompts_file,
         code=code("generate"),
     # The images go to the folder beside this file (not declared, so a killed job resumes).
     output:
@@ -28,16 +28,12 @@ rule assemble:
         shards=expand(f"{GENERATE_DIR}/shard-{{shard}}.json", shard=GENERATE_SHARDS),
         lora=rules.train_lora.output.lora,
         model=rules.weights.output.model,
-        prompts=config["generate"]["prompts_file"],
+        prompts=prompts_file,
         code=code("assemble"),
     output:
         captions=f"{DATASET_DIR}/captions.json",
         metadata=f"{DATASET_DIR}/metadata.jsonl",
-        sheet=report(
-            f"{DATASET_DIR}/contact_sheet.png",
-            caption="../report/contact_sheet.rst",
-            category="Generated dataset",
-        ),
+        sheet=f"{DATASET_DIR}/contact_sheet.png",
     log:
         log_file("assemble"),
     conda:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 import textwrap
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+
+def fit_in_square(image: Image.Image, size: int) -> Image.Image:
+    """The image scaled to fit a size x size white square, centred: its aspect ratio is kept."""
+    return ImageOps.pad(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC, "white")
 
 
 def make_grid(

@@ -18,6 +18,7 @@ The UNet diffusers <-> SGM module map is `sdxl.convert.unet_key_map` of the bloc
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -231,26 +232,38 @@ def _cpu(t: torch.Tensor, dtype: torch.dtype | str | None) -> torch.Tensor:
 
 
 def kohya_metadata(
-    state: Mapping[str, torch.Tensor], extra: Mapping[str, str] | None = None, title: str = ""
+    state: Mapping[str, torch.Tensor],
+    extra: Mapping[str, str] | None = None,
+    title: str = "",
+    *,
+    resolution: int | tuple[int, int] = 1024,
+    prediction_type: str = "epsilon",
 ) -> dict[str, str]:
-    """The SDXL header kohya writes (all strings), updated with `extra`."""
+    """The SDXL header kohya writes (all strings), updated with `extra`.
+
+    `resolution` (the training size, px) and `prediction_type` ('epsilon' or 'v_prediction')
+    describe the run, so UIs show the truth (modelspec.resolution, modelspec.prediction_type,
+    ss_v_parameterization).
+    """
     weights = split_lora_state(state)
     linear, conv = [], []
     for w in weights.values():
         (linear if w.down.ndim == 2 or w.down.shape[2:] == (1, 1) else conv).append(w)
     dim, alpha = _most_common(linear or conv)
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(alpha),
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_v2": "False",
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
-        "modelspec.resolution": "1024x1024",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
     if conv:
         conv_dim, conv_alpha = _most_common(conv)
@@ -262,6 +275,28 @@ def kohya_metadata(
             raise ValueError(f"LoRA metadata {key!r} must be a string, got {type(value).__name__}")
         meta[key] = value
     return meta
+
+
+def safetensors_hashes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> dict[str, str]:
+    """The hashes kohya's sd-scripts store, which A1111 and its additional-networks show.
+
+    - `sshs_model_hash`: sha256 (hex) of the tensor data of the .safetensors file, i.e.
+      everything after the JSON header, so editing the header leaves it unchanged (the
+      "addnet hash" that A1111 reads from this key instead of hashing the file itself).
+    - `sshs_legacy_hash`: the first 8 hex of sha256 of the bytes 0x100000..0x110000 of the
+      file as kohya serialises it (only its ss_* metadata in the header): the old addnet hash.
+    Computed as kohya's `precalculate_safetensors_hashes` does.
+    """
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[8 + header_len :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+    }
 
 
 def _most_common(weights: list[LoRAWeights]) -> tuple[int, float]:
@@ -506,7 +541,13 @@ def _read(path: Path) -> tuple[Mapping, dict[str, str]]:
             return load_file(path), metadata
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"cannot read the safetensors file ({e})") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never
+        raise ValueError(
+            "it is a pickle holding objects other than tensors, refused because loading it "
+            "could run code; use a .safetensors LoRA"
+        ) from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a dict, found a {type(obj).__name__}")
     return obj, {}
@@ -557,10 +598,16 @@ def save_kohya(
     metadata: Mapping[str, str] | None = None,
     layout: UNetLayout = SDXL_LAYOUT,
     dtype: torch.dtype | str | None = None,
+    **run: object,
 ) -> None:
-    """Write the kohya `.safetensors` ComfyUI/A1111/diffusers load (atomic); metadata adds to the header."""
+    """Write the kohya `.safetensors` ComfyUI/A1111/diffusers load (atomic).
+
+    `metadata` adds to the header; `run` (resolution, prediction_type) goes to kohya_metadata.
+    The header always carries the tensors' sshs_model_hash / sshs_legacy_hash.
+    """
     tensors = state_to_kohya(state, layout, dtype)
-    header = kohya_metadata(state, metadata, title=Path(path).stem)
+    header = kohya_metadata(state, metadata, title=Path(path).stem, **run)
+    header.update(safetensors_hashes(tensors, header))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 

@@ -66,9 +66,11 @@ class SDXLPipeline:
     def default_size(self) -> int:
         return self.sample_size * self.vae_scale_factor
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt embeds (B,77,D), pooled (B,P)) for the prompts."""
-        return encode_prompts(self.tokenizers, self.text_encoders, prompts)
+    def encode(
+        self, prompts: list[str], indices: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt embeds (B,77,D), pooled (B,P)); `indices` name the images in warnings."""
+        return encode_prompts(self.tokenizers, self.text_encoders, prompts, indices=indices)
 
     def encode_negative(self, negative: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Negative conditioning; an empty negative prompt is all zeros, as SDXL base expects."""
@@ -147,7 +149,7 @@ class SDXLPipeline:
         noise = torch.cat(
             [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         )
-        cond = self._conditioning(prompts, negative_prompt, width, height, guidance_scale)
+        cond = self._conditioning(prompts, indices, negative_prompt, width, height, guidance_scale)
         model = guided_model(self.unet, cond, guidance_scale, guidance_rescale)
         return schedulers.sample(
             sampler, model, noise.to(device), num_inference_steps, self.scheduler_config,
@@ -155,10 +157,11 @@ class SDXLPipeline:
         )  # fmt: skip
 
     def _conditioning(
-        self, prompts: list[str], negative: str, width: int, height: int, guidance: float
-    ) -> dict[str, torch.Tensor]:
+        self, prompts: list[str], indices: list[int], negative: str, width: int, height: int,
+        guidance: float,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """UNet conditioning for the batch, negatives first when guidance is on (as diffusers)."""
-        embeds, pooled = self.encode(prompts)
+        embeds, pooled = self.encode(prompts, indices)
         batch = len(prompts)
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype)
         time_ids = time_ids.to(self.device).expand(batch, -1)
@@ -186,8 +189,10 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     images = vae.decode(z.to(vae_dtype)).float()
     if vae_dtype != torch.float32 and not torch.isfinite(images).all():
         log.warning("VAE decode in %s produced non-finite values; retrying in fp32", vae_dtype)
-        images = vae.float().decode(z.float())
-        vae.to(vae_dtype)
+        try:
+            images = vae.float().decode(z.float())
+        finally:  # the VAE is shared: an error (e.g. out of memory) must not leave it in fp32
+            vae.to(vae_dtype)
     return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -240,11 +245,10 @@ def load_pipeline(
     """
     from sdxl import weights
     from sdxl.hub import fetch_config_files
-    from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl
 
     dtype = to_dtype(dtype)
     source_str = str(source)
-    folder = ensure_tiny_sdxl() if source_str == BUILTIN_TINY else Path(source)
+    folder = weights.check_model_source(source)  # before any download: a wrong file fails fast
     if folder.is_file():
         config_dir = Path(config_source) if config_source else fetch_config_files()
         modules = weights.load_single_file(

@@ -24,9 +24,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.hub import SDXL_BASE_REPO, select_files
 from sdxl.tiny import BUILTIN_TINY
 from sdxl.utils import atomic_path, atomic_write_text
+from sdxl.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def check_manifest(model_dir: str | os.PathLike, path: str | os.PathLike) -> Non
         or (model_dir / f["file"]).stat().st_size != f["size"]
     ]
     if bad:
-        raise RuntimeError(
+        raise WeightsError(
             f"{model_dir}: {len(bad)} file(s) missing or of the wrong size, e.g. {bad[:3]}; "
             "download or prepare the weights again"
         )
@@ -170,23 +172,33 @@ def check_manifest(model_dir: str | os.PathLike, path: str | os.PathLike) -> Non
 
 
 def _download(cfg: WeightsConfig, model_dir: Path) -> None:
-    """Download (resumably) into download_dir, check sizes, link the SDXL files into model_dir."""
-    from sdxl.hub import download_sdxl
+    """Download (resumably) into download_dir, check sizes, link the SDXL files into model_dir.
+
+    Under HF_HUB_OFFLINE=1 the files come from the Hugging Face cache instead (checked by
+    their content hashes there), with no network access.
+    """
+    from sdxl.hub import download_sdxl, hub_offline
 
     target = Path(cfg.download_dir) if cfg.download_dir else model_dir
-    download_sdxl(target, cfg.source, cfg.revision, cfg.variant, retries=cfg.retries)
-    files = select_files(list_files(target), cfg.variant)
-    verify_sizes(target, hub_sizes(cfg.source, files, cfg.revision))
-    if target.resolve() != model_dir.resolve():
-        link_sdxl_files(target, model_dir, cfg.variant)
+    folder = download_sdxl(target, cfg.source, cfg.revision, cfg.variant, retries=cfg.retries)
+    if not hub_offline():
+        files = select_files(list_files(folder), cfg.variant)
+        verify_sizes(folder, hub_sizes(cfg.source, files, cfg.revision))
+    if folder.resolve() != model_dir.resolve():
+        link_sdxl_files(folder, model_dir, cfg.variant)
 
 
 def hub_sizes(repo_id: str, files: list[str], revision: str | None) -> dict[str, int]:
     """The size of each of `files` in the Hub repository (one API call)."""
     from huggingface_hub import HfApi
 
+    from sdxl.hub import hub_call
+
     token = os.environ.get("HF_TOKEN") or None
-    infos = HfApi().get_paths_info(repo_id, files, revision=revision, token=token)
+    infos = hub_call(
+        lambda: HfApi().get_paths_info(repo_id, files, revision=revision, token=token),
+        repo_id, revision, retries=3,
+    )  # fmt: skip
     return {info.path: info.size for info in infos if getattr(info, "size", None) is not None}
 
 
@@ -199,7 +211,7 @@ def verify_sizes(folder: Path, sizes: dict[str, int]) -> None:
         if not (folder / name).is_file() or (folder / name).stat().st_size != size
     ]
     if bad:
-        raise RuntimeError(
+        raise WeightsError(
             f"{folder}: {len(bad)} downloaded file(s) are incomplete: {', '.join(bad[:3])}; "
             "delete them and run the download again (it resumes)"
         )
@@ -288,16 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
     source = args.from_single_file or args.from_folder or args.repo
     cfg = WeightsConfig(source=source, revision=args.revision, variant="fp16" if args.fp16 else None,
                         config_source=args.config_source, retries=args.retries)  # fmt: skip
-    try:
+    with one_line_errors(args.debug):  # one `error: ...` line (Hub, files, settings)
         out = prepare_weights(cfg, args.dir)
         check_manifest(out, out / "manifest.json")
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     print(f"done: {out} (files listed with sizes and sha256 in {out / 'manifest.json'})")
     return 0
 

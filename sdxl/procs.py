@@ -86,19 +86,31 @@ def _proc_stat(pid: int) -> tuple[int, str] | None:
     return int(fields[1]), fields[19]
 
 
-def _cmdline(pid: int) -> str:
+def _is_snakemake(pid: int) -> bool:
+    """Whether the process runs snakemake itself (`snakemake ...`, `python [-m] snakemake ...`).
+
+    The program is matched, not any word of the command line, so that a shell or launcher
+    whose arguments merely mention snakemake (`uv run snakemake`, `bash run_snakemake.sh`)
+    is not taken for it.
+    """
     try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        return ""
+        return False
+    names = [os.path.basename(a) for a in argv[:3]]
+    if names[0] == "snakemake":
+        return True
+    return names[0].startswith("python") and (
+        names[1:2] == ["snakemake"] or argv[1:3] == ["-m", "snakemake"]
+    )
 
 
 def snakemake_ancestors(pid: int | None = None) -> list[tuple[int, str]]:
     """(pid, start time) of this process's ancestors up to the outermost snakemake process.
 
-    Empty when no ancestor is a snakemake process (or /proc is unavailable).
+    Empty when no ancestor is a snakemake process (or /proc is unavailable). A local job is a
+    child of the snakemake it belongs to; a SLURM job step's script is a child of the
+    `snakemake` that srun started, whose parent is slurmstepd.
     """
     chain, pid = [], os.getpid() if pid is None else pid
     last_snakemake = -1
@@ -113,7 +125,7 @@ def snakemake_ancestors(pid: int | None = None) -> list[tuple[int, str]]:
         if parent_stat is None:
             break
         chain.append((parent, parent_stat[1]))
-        if "snakemake" in _cmdline(parent):
+        if _is_snakemake(parent):
             last_snakemake = len(chain)
         pid = parent
     return chain[:last_snakemake] if last_snakemake > 0 else []

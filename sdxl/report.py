@@ -11,7 +11,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sdxl.utils import atomic_write_text
@@ -146,6 +146,12 @@ def write_config_page(config: dict, out_html: str | os.PathLike) -> Path:
     return Path(out_html)
 
 
+def write_config_snapshot(config: dict, out_json: str | os.PathLike) -> Path:
+    """The run's whole configuration as JSON: what the config page shows, and a record."""
+    atomic_write_text(out_json, json.dumps(config, indent=1, default=str) + "\n")
+    return Path(out_json)
+
+
 def collect_images(
     src_dir: str | os.PathLike, out_dir: str | os.PathLike, pattern: str = "*.png"
 ) -> list[Path]:
@@ -162,13 +168,20 @@ def collect_images(
 def build_report(
     metrics_csv: str | os.PathLike,
     samples_dir: str | os.PathLike,
-    config: dict,
+    config_json: str | os.PathLike,
     *,
     loss_svg: str | os.PathLike,
     config_html: str | os.PathLike,
     validation_dir: str | os.PathLike,
+    copies: Mapping[str | os.PathLike, str | os.PathLike] | None = None,
 ) -> None:
-    """Everything the report rule writes: loss curve, config page, validation grids."""
+    """Everything the report rule writes: loss curve, config page, validation grids.
+
+    `copies` (source -> destination): pages other rules made, copied so that every report
+    item is this rule's output (Snakemake embeds the producing job's params in the report).
+    """
     write_loss_curve(metrics_csv, loss_svg)
-    write_config_page(config, config_html)
+    write_config_page(json.loads(Path(config_json).read_text()), config_html)
     collect_images(samples_dir, validation_dir)
+    for src, dst in (copies or {}).items():
+        shutil.copyfile(src, dst)

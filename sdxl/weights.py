@@ -7,6 +7,7 @@ failure is a `WeightsError` naming the file, the problem and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,10 @@ _EXPECTED_CLASS = {  # what config.json must declare for each component
     "text_encoder_2": ("architectures", "CLIPTextModelWithProjection"),
 }
 _REDOWNLOAD = "the file is incomplete or corrupt; delete it and download it again"
+_NOT_BASE = (
+    "not an SDXL base model; this library needs SDXL base 1.0 or a fine-tune of it, as a "
+    "diffusers folder or a single-file .safetensors checkpoint"
+)
 
 
 class WeightsError(UserError):
@@ -339,6 +344,96 @@ def load_components(
     }
 
 
+# ----------------------------------------------------------------------------- checks, identity
+
+
+def check_single_file(path: str | Path) -> Path:
+    """Reject a single file that is not an SGM SDXL base `.safetensors`, reading its header only."""
+    path = _existing_file(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(
+            f"{path}: only .safetensors single files are supported (pickled .ckpt/.pt files can "
+            "run code); convert it to safetensors or download the .safetensors release"
+        )
+    try:
+        convert.detect_architecture(read_keys(path))
+    except ValueError as err:
+        raise WeightsError(f"{path}: {err}") from None
+    return path
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """Reject a folder that is not a diffusers SDXL base model, reading model_index.json only.
+
+    SD 1.x/2.x folders name another pipeline class; the refiner has no CLIP-L text encoder.
+    """
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise WeightsError(
+            f"{index}: missing, so {folder} is not a diffusers model folder; download the model "
+            "again (download_weights.sh), or pass a single-file .safetensors checkpoint"
+        )
+    config = _read_config(index)
+    name = config.get("_class_name")
+    absent = [n for n in COMPONENTS if not isinstance(config.get(n), list) or None in config[n]]
+    if not str(name).startswith("StableDiffusionXL") or absent:
+        found = f"{name}" + (f" without {', '.join(absent)}" if absent else "")
+        raise WeightsError(f"{folder}: {found} is {_NOT_BASE}")
+    return folder
+
+
+def check_model_source(source: str | Path) -> Path:
+    """Cheap checks of a model before anything is loaded or downloaded; returns its path.
+
+    Reads only model_index.json or a single file's header, so a wrong path, a file that is not
+    a model, or another model family fails at once with one message (no Hub access first).
+    """
+    from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl
+
+    if str(source) == BUILTIN_TINY:
+        return ensure_tiny_sdxl()
+    path = Path(source)
+    if path.is_file():
+        return check_single_file(path)
+    if path.is_dir():
+        return check_model_folder(path)
+    raise WeightsError(
+        f"{path}: no such model folder or file; pass a diffusers SDXL folder "
+        "(download_weights.sh writes one), a single-file .safetensors checkpoint, or builtin:tiny"
+    )
+
+
+def model_identity(source: str | Path) -> str:
+    """A short fingerprint of the weights at `source` that changes when its files change.
+
+    A folder with the weights stage's manifest.json (every file's sha256) is known by it and
+    the files' sizes, the same on every machine. Otherwise: each file's name, size and
+    modification time, since hashing gigabytes at every start would take minutes (a copy of
+    the model elsewhere then counts as other weights).
+    """
+    path = check_model_source(source)
+    root = path if path.is_dir() else path.parent
+    files = [path] if path.is_file() else _model_files(path)
+    manifest = path / "manifest.json"
+    use_manifest = path.is_dir() and manifest.is_file()
+    lines = [manifest.read_text()] if use_manifest else []
+    for f in files:
+        stat = f.stat()
+        stamp = "" if use_manifest else f"\t{stat.st_mtime_ns}"
+        lines.append(f"{f.relative_to(root)}\t{stat.st_size}{stamp}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The files of a model folder, without hidden ones (download caches, locks)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 # ----------------------------------------------------------------------------- single file
 
 
@@ -369,16 +464,7 @@ def load_single_file(
     Configs come from `configs` (name -> config.json dict), else `config_dir` (a diffusers
     folder holding `<name>/config.json`), else SDXL base.
     """
-    path = _existing_file(path)
-    if path.suffix != ".safetensors":
-        raise WeightsError(
-            f"{path}: only .safetensors single files are supported (pickled .ckpt/.pt files can "
-            "run code); convert it to safetensors or download the .safetensors release"
-        )
-    try:
-        convert.detect_architecture(read_keys(path))
-    except ValueError as err:
-        raise WeightsError(f"{path}: {err}") from None
+    path = check_single_file(path)
     configs = _single_file_configs(configs, config_dir)
     sd = load_state_dict_file(path, device, dtype, keys=_in_components)
     try:

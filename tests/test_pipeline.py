@@ -104,3 +104,35 @@ def test_builtin_tiny_and_default_size(tiny_dir):
     pipe = load_pipeline("builtin:tiny")
     assert pipe.default_size == 128
     assert pipe.generate("a red circle", num_inference_steps=1)[0].size == (128, 128)
+
+
+def test_truncation_warning_names_the_image_index(ours, caplog):
+    long = "a red circle on a white background " * 20
+    ours.generate(["a blue square", long], indices=[7, 1234], width=64, height=64,
+                  num_inference_steps=1, guidance_scale=1.0)  # fmt: skip
+    assert "image 1234:" in caplog.text and "prompt 1" not in caplog.text
+
+
+def test_failed_fp32_vae_retry_restores_the_vae_dtype():
+    from types import SimpleNamespace
+
+    from sdxl.pipeline import decode_latents
+
+    class OverflowingVAE(torch.nn.Module):
+        """NaN in bf16; the fp32 retry runs out of memory."""
+
+        config = SimpleNamespace(scaling_factor=1.0)
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+
+        def decode(self, z):
+            if z.dtype == torch.float32:
+                raise RuntimeError("out of memory")
+            return torch.full_like(z, float("nan"))
+
+    vae = OverflowingVAE()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        decode_latents(vae, torch.zeros(1, 4, 2, 2))
+    assert vae.weight.dtype == torch.bfloat16

@@ -11,7 +11,7 @@ import torch
 
 from sdxl import prepare
 from sdxl.prepare import WeightsConfig, check_manifest, prepare_weights, source_kind
-from sdxl.weights import COMPONENTS, load_component_state_dict, save_single_file
+from sdxl.weights import COMPONENTS, WeightsError, load_component_state_dict, save_single_file
 
 
 def _manifest(path):
@@ -29,7 +29,7 @@ def test_builtin_tiny_writes_the_model_and_a_manifest(tmp_path):
     assert entry["sha256"] == prepare.sha256_file(model / "vae/config.json")
     check_manifest(model, tmp_path / "m.json")
     (model / "vae/config.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="vae/config.json"):
+    with pytest.raises(WeightsError, match="vae/config.json"):
         check_manifest(model, tmp_path / "m.json")
 
 
@@ -74,8 +74,26 @@ def test_hub_download_is_checked_and_linked(tiny_dir, tmp_path, monkeypatch):
     assert os.path.samefile(model / name, tmp_path / "download" / name)
     assert json.loads((tmp_path / "m.json").read_text())["source"] == "someone/sdxl-finetune"
     sizes[name] += 1  # the Hub says the file is longer: an interrupted download
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(WeightsError, match="incomplete"):
         prepare_weights(cfg, tmp_path / "model2")
+
+
+def test_offline_node_uses_a_prefilled_hugging_face_cache(tiny_dir, tmp_path, monkeypatch):
+    """The way out for a node without network: HF_HUB_OFFLINE=1 and the cache filled elsewhere
+    (`hf download`); nothing is requested from the Hub."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf-cache/models--someone--sdxl-finetune"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr("sdxl.hub.check_reachable", lambda repo_id: pytest.fail("went online"))
+    cfg = WeightsConfig(source="someone/sdxl-finetune", download_dir=str(tmp_path / "download"))
+    model = prepare_weights(cfg, tmp_path / "model", tmp_path / "m.json")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(model / name, repo / "snapshots" / commit / name)
+    assert _manifest(tmp_path / "m.json")[name]["size"] == (tiny_dir / name).stat().st_size
 
 
 def test_source_kinds_and_errors(tmp_path):

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import html
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from sdxl.report import config_page, nice_ticks, read_loss, smooth, write_loss_curve
+from sdxl.report import (
+    build_report,
+    config_page,
+    nice_ticks,
+    read_loss,
+    smooth,
+    write_config_snapshot,
+    write_loss_curve,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -36,3 +45,22 @@ def test_helpers():
     assert nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     page = config_page({"train": {"lr": 1e-4, "note": "<b>"}})
     assert "<h3>train</h3>" in page and "&lt;b&gt;" in page
+
+
+def test_report_pages_come_from_the_config_snapshot_escaped(tmp_path):
+    """The report rule renders the config page from record_config's JSON (its own params hold
+    no user strings) and copies the other rules' pages it shows."""
+    hostile = "</script><img src=x onerror=alert(1)>"
+    snapshot = write_config_snapshot(
+        {"generate": {"negative_prompt": hostile}}, tmp_path / "c.json"
+    )
+    (tmp_path / "problems.html").write_text("<p>problems</p>")
+    build_report(
+        tmp_path / "none.csv", tmp_path / "no-samples", snapshot,
+        loss_svg=tmp_path / "r/loss.svg", config_html=tmp_path / "r/config.html",
+        validation_dir=tmp_path / "r/validation",
+        copies={tmp_path / "problems.html": tmp_path / "r/problems.html"},
+    )  # fmt: skip
+    page = (tmp_path / "r/config.html").read_text()
+    assert hostile not in page and html.escape(hostile) in page
+    assert (tmp_path / "r/problems.html").read_text() == "<p>problems</p>"

@@ -47,7 +47,7 @@ BAD_IMAGE = "examples/shapes/99_broken.png"
 SLURM_RULES = ["validate_captions", "cache_latents", "cache_text", "train_lora", "generate",
                "generate", "assemble"]  # fmt: skip
 GPU_RULES = {"cache_latents", "cache_text", "train_lora", "generate"}
-LOCAL_RULE_LOGS = ["weights", "merge_latents", "report"]
+LOCAL_RULE_LOGS = ["weights", "record_config", "merge_latents", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,8 @@ def test_two_gpu_lora_equals_one_process_with_the_same_global_batch(runs, tmp_pa
     settings = json.loads((run / "config.json").read_text())
     settings.update(data_dir=str(runs.work / "results/cache"), output_dir=str(tmp_path / "one"),
                     pretrained_model=str(runs.work / "results/weights/model"),
-                    validation_interval=0)  # fmt: skip
+                    validation_interval=0,
+                    batch_size=2 * settings["batch_size"])  # per GPU: one process, same global batch  # fmt: skip
     run_training(TrainConfig.from_dict(settings), num_gpus=1)
     want, got = (
         _lora(tmp_path / "one/lora_final.safetensors"),

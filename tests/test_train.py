@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdxl.errors import UserError
 from sdxl.train.config import TrainConfig
 from sdxl.train.loop import StopTraining, train
 
@@ -21,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
-    """Twelve captioned images of the bundled example set."""
+    """Eleven captioned images of the bundled example set (odd: batches of 2 leave a tail)."""
     folder = tmp_path_factory.mktemp("data") / "shapes"
     folder.mkdir()
-    images = sorted(p for p in (ROOT / "examples" / "shapes").iterdir() if p.suffix != ".txt")[:12]
+    images = sorted(p for p in (ROOT / "examples" / "shapes").iterdir() if p.suffix != ".txt")[:11]
     for image in images:
         shutil.copy(image, folder / image.name)
         shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
@@ -43,7 +44,8 @@ def _cfg(tiny_dir, data, out, **kw) -> TrainConfig:
     base = dict(data_dir=str(data), pretrained_model=str(tiny_dir), output_dir=str(out),
                 image_size=64, batch_size=2, num_epochs=2, precision="fp32", device="cpu",
                 lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, log_interval=1, seed=5,
-                gradient_checkpointing=False)  # fmt: skip
+                gradient_checkpointing=False, prediction_type="epsilon",
+                timestep_max=1000)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
@@ -71,6 +73,28 @@ def test_outputs_and_metrics(tiny_dir, cache_dir, tmp_path):
     assert all(float(r["loss"]) > 0 and float(r["lr"]) == 1e-3 for r in rows)
     lora = torch.load(out / "lora_final.pt", weights_only=True)
     assert lora
+    _assert_metadata_is_true(out / "lora_final.safetensors")
+
+
+def _assert_metadata_is_true(path: Path) -> None:
+    """The header describes this run (64 px, 4 steps of batch 2 on 11 images), not defaults."""
+    import hashlib
+
+    meta = _metadata(path)
+    want = {"modelspec.resolution": "64x64", "ss_resolution": "(64, 64)",
+            "modelspec.prediction_type": "epsilon", "ss_v_parameterization": "False",
+            "ss_steps": "4", "ss_max_train_steps": "4", "ss_epoch": "0", "ss_num_epochs": "2",
+            "ss_num_train_images": "11", "ss_batch_size_per_device": "2",
+            "ss_total_batch_size": "2", "ss_gradient_accumulation_steps": "1",
+            "ss_learning_rate": "0.001", "ss_seed": "5", "ss_network_dim": "4",
+            "ss_network_alpha": "4.0", "ss_network_module": "networks.lora",
+            "ss_sd_model_name": "tiny-sdxl"}  # fmt: skip
+    assert {k: meta.get(k) for k in want} == want
+    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW(weight_decay=0.01")
+    blob = path.read_bytes()
+    data = blob[8 + int.from_bytes(blob[:8], "little") :]
+    assert meta["sshs_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert len(meta["sshs_legacy_hash"]) == 8
 
 
 def _eval_loss(tiny_dir, cache_dir, lora_file: Path | None) -> float:
@@ -156,19 +180,23 @@ def test_resume_twice_gives_the_same_lora(tiny_dir, cache_dir, tmp_path):
 
 
 def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
+    """--batch_size is per GPU: 2 processes at batch 1 equal 1 process at batch 2.
+
+    11 samples in one bucket: the last global batch holds 1 sample, so rank 1 has nothing in
+    that step and must still join the gradient sum (with zeros).
+    """
     args = ["--data_dir", str(cache_dir), "--pretrained_model", str(tiny_dir), "--image_size", "64",
-            "--batch_size", "4", "--num_epochs", "1", "--precision", "fp32", "--device", "cpu",
+            "--num_epochs", "1", "--precision", "fp32", "--device", "cpu",
             "--lora_rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-3", "--seed", "5",
             "--no-gradient_checkpointing", "--log_interval", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, double = tmp_path / "single", tmp_path / "ddp"
     script = str(ROOT / "train_sdxl.py")
-    subprocess.run(
-        [sys.executable, script, *args, "--output_dir", str(single)], check=True, env=env
-    )
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29611", script, *args, "--output_dir", str(double)],
+    subprocess.run([sys.executable, script, *args, "--batch_size", "2", "--output_dir", str(single)],
                    check=True, env=env)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29611", script, *args, "--batch_size", "1",
+                    "--output_dir", str(double)], check=True, env=env)  # fmt: skip
     want, got = _lora(single), _lora(double)
     assert want.keys() == got.keys()
     for k in want:  # equal up to the order of float sums, which Adam amplifies for tiny grads
@@ -176,10 +204,104 @@ def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
         assert rel < 1e-3, (k, rel)
     # Adam hides a wrong gradient scale; the logged global loss and gradient norm do not.
     rows = [list(csv.DictReader((out / "metrics.csv").open())) for out in (single, double)]
-    assert len(rows[0]) == len(rows[1]) == 3
+    assert len(rows[0]) == len(rows[1]) == 6  # ceil(11 / 2): no sample dropped
     for a, b in zip(*rows, strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-4 * abs(float(a[key])), (key, a, b)
+    metas = [_metadata(out / "lora_final.safetensors") for out in (single, double)]
+    assert metas[0]["ss_total_batch_size"] == metas[1]["ss_total_batch_size"] == "2"
+    assert (metas[0]["ss_batch_size_per_device"], metas[1]["ss_batch_size_per_device"]) == (
+        "2",
+        "1",
+    )
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_batches_never_drop_samples():
+    from sdxl.train.data_order import epoch_batches, rank_slice
+
+    buckets = {(64, 64): list(range(7)), (64, 128): [7, 8, 9]}
+    batches = epoch_batches(buckets, epoch=0, seed=1, batch_size=4)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert sorted(len(b) for b in batches) == [3, 3, 4]  # short tails are kept
+    assert [rank_slice(1, r, 4) for r in range(4)] == [slice(0, 1)] + [slice(1, 1)] * 3
+
+
+def test_images_per_s_counts_the_global_batch_once(tiny_dir, cache_dir, tmp_path, monkeypatch):
+    """Under DDP a step's batch is already global; it was multiplied by the world size again."""
+    import types
+
+    from sdxl.train import distributed, loop
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(
+        distributed, "setup", lambda device: distributed.DistInfo(0, 2, torch.device("cpu"))
+    )
+    out = tmp_path / "rate"
+    train(_cfg(tiny_dir, cache_dir, out, batch_size=1, max_steps=2))
+    from sdxl.data.cache import CachedDataset
+    from sdxl.train.data_order import epoch_batches
+
+    data = CachedDataset(cache_dir / "latents", cache_dir / "text")
+    buckets = {b: [i for i in idx if not data.is_flipped(i)] for b, idx in data.buckets().items()}
+    want = [float(len(b)) for b in epoch_batches(buckets, 0, 5, 2)[:2]]  # global batches of 2
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [float(r["images_per_s"]) for r in rows] == want  # each step took 1 fake second
+
+
+def test_prediction_type_and_timesteps_come_from_the_model(tiny_dir, cache_dir, tmp_path):
+    """Defaults are the model's (here a v-prediction schedule); a contradiction is refused."""
+    model = tmp_path / "vpred"
+    model.mkdir()
+    for part in tiny_dir.iterdir():
+        if part.name != "scheduler":
+            (model / part.name).symlink_to(part)
+    sched = json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**sched, "prediction_type": "v_prediction", "num_train_timesteps": 500})
+    )
+    with pytest.raises(UserError, match="--prediction_type epsilon but .*scheduler_config.json"):
+        train(_cfg(model, cache_dir, tmp_path / "refused"))
+    with pytest.raises(UserError, match="--timestep_max 1000 is past the 500 timesteps"):
+        train(_cfg(model, cache_dir, tmp_path / "refused", prediction_type=None))
+    out = tmp_path / "v"
+    train(_cfg(model, cache_dir, out, prediction_type=None, timestep_max=None, max_steps=1))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["prediction_type"], config["timestep_max"]) == ("v_prediction", 500)
+    meta = _metadata(out / "lora_final.safetensors")
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_v_parameterization"] == "True"
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+
+
+def test_torchrun_dies_with_its_parent_which_holds_the_lock(tmp_path, monkeypatch):
+    """run_training holds output_dir's lock while torchrun runs; torchrun gets PDEATHSIG."""
+    from sdxl.procs import FolderBusy, folder_lock
+    from sdxl.train import launch
+
+    seen = {}
+
+    def fake_run(command, check, env, preexec_fn):
+        seen.update(command=command, env=env, preexec_fn=preexec_fn)
+        with pytest.raises(FolderBusy), folder_lock(tmp_path / "out"):  # a second writer
+            pass
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    calls = []
+    monkeypatch.setattr(launch, "die_with_parent", lambda pid: calls.append(pid))
+    launch.run_training(_cfg("t", "d", tmp_path / "out"), num_gpus=2)
+    seen["preexec_fn"]()
+    assert calls == [os.getpid()]
+    assert seen["env"][launch.LOCK_HELD_ENV] == str((tmp_path / "out").resolve())
+    with folder_lock(tmp_path / "out"):  # released when torchrun is done
+        pass
 
 
 def test_lr_schedules_warm_up_from_the_first_step():
@@ -267,31 +389,37 @@ def test_ema_weights_are_exported(tiny_dir, cache_dir, tmp_path):
 
 
 def test_strict_data_fails_with_one_clear_error(tiny_dir, small_dataset, tmp_path):
-    from sdxl.data.dataset import DatasetError
-
     data = tmp_path / "data"
     shutil.copytree(small_dataset, data)
     (data / "broken.png").write_bytes(b"not a png")
     (data / "broken.txt").write_text("a broken image")
-    with pytest.raises(DatasetError, match="broken.png"):
+    with pytest.raises(UserError, match="drop --strict_data") as err:
         train(_cfg(tiny_dir, data, tmp_path / "out", strict_data=True, max_steps=1))
+    assert "broken.png" in str(err.value) and "policy 'skip'" not in str(err.value)
     train(_cfg(tiny_dir, data, tmp_path / "skip", max_steps=1))  # default policy: skipped
     assert "broken.png" in (tmp_path / "skip" / "cache" / "problems.tsv").read_text()
 
 
 def test_wandb_logging_in_offline_mode(tiny_dir, cache_dir, tmp_path, monkeypatch):
-    """W&B gets the same metrics; a stand-in module records what the trainer sends."""
+    """W&B gets the same metrics, and a resumed run continues the same W&B run (saved id)."""
     import types
 
     logged, inits = [], []
-    run = types.SimpleNamespace(
-        log=lambda data, step: logged.append((step, data)), finish=lambda: None
-    )
-    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run, Image=lambda p: p)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    def init(**kw):
+        inits.append(kw)
+        return types.SimpleNamespace(id=kw["id"] or f"run{len(inits)}", finish=lambda: None,
+                                     log=lambda data, step: logged.append((step, data)))  # fmt: skip
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=str))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    train(_cfg(tiny_dir, cache_dir, tmp_path / "wb", wandb_project="sdxl-test", max_steps=2))
+    cfg = _cfg(tiny_dir, cache_dir, tmp_path / "wb", wandb_project="sdxl-test", max_steps=2,
+               checkpoint_steps=1)  # fmt: skip
+    with pytest.raises(StopTraining):
+        train(cfg, stop_after=1)
+    train(cfg)
     assert inits[0]["project"] == "sdxl-test" and inits[0]["config"]["lora_rank"] == 4
+    assert inits[0]["id"] is None and inits[1]["id"] == "run1" and inits[1]["resume"] == "allow"
     assert [s for s, _ in logged] == [1, 2] and "train/loss" in logged[0][1]
 
 
@@ -299,7 +427,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tiny_dir, cache_dir, tm
     out = tmp_path / "changed"
     with pytest.raises(StopTraining):
         train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1), stop_after=1)
-    with pytest.raises(ValueError, match=r"learning_rate: 0.001 -> 0.002"):
+    with pytest.raises(UserError, match=r"learning_rate: 0.001 -> 0.002"):
         train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1, learning_rate=2e-3))
     train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1, num_epochs=1, resume_from="none"))
     assert (out / "lora_final.safetensors").is_file()

@@ -34,8 +34,23 @@ RULE_OF = [
     ("results/generate/", "generate"),
     ("results/dataset/", "assemble"),
     ("results/report/", "report"),
+    ("results/config.json", "record_config"),
 ]
 AFTER_TRAIN = {"train_lora", "generate", "assemble", "report"}
+CONFIG_EDIT = {"record_config", "report"}  # any config edit: the config snapshot and page
+# Hostile strings in every user-controlled field of the demo run: the report must show them
+# escaped, never run them (tests/test_reliability_workflow.py parses the report).
+HOSTILE = "</script><img src=x onerror=alert({})>"
+HOSTILE_DATA_DIR = "examples/<img src=x onerror=alert(1)>"
+HOSTILE_CONFIG = {
+    "data": {"dir": HOSTILE_DATA_DIR},
+    "generate": {"negative_prompt": HOSTILE.format(2),
+                 "prompts_file": "examples/<img src=x onerror=alert(3)>.txt"},
+    "train": {"validation_prompts": [HOSTILE.format(4) + " a red circle",
+                                     "a blue square on a black background"]},
+}  # fmt: skip
+# The HF_TOKEN of the demo run: it must never be written anywhere.
+TOKEN = "hf_NeverWrittenAnywhere0123456789"
 
 
 def _env() -> dict:
@@ -44,12 +59,16 @@ def _env() -> dict:
     return {**env, "SDXL_GPUS": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the snakemake CLI in `workdir` (targets first: later options take several values)."""
+def snakemake(
+    workdir: Path, *args: str, timeout: int = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run the snakemake CLI in `workdir` (targets first: later options take several values).
+
+    Under umask 022, whatever the test runner's: files written must then be 0644.
+    """
     cmd = [str(BIN / "snakemake"), *args]
-    result = subprocess.run(
-        cmd, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run(cmd, cwd=workdir, env={**_env(), **(env or {})}, capture_output=True,
+                            text=True, timeout=timeout, umask=0o022)  # fmt: skip
     assert result.returncode == 0, (
         f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     )
@@ -109,12 +128,50 @@ def would_run(workdir: Path, config: dict | None = None) -> set[str]:
     return {rule_of(os.path.relpath(p, workdir) if os.path.isabs(p) else p) for p in updated}
 
 
-@pytest.fixture(scope="module")
+def add_hostile_inputs(workdir: Path) -> None:
+    """Hostile strings in the demo's config, prompt file and dataset (names and captions)."""
+    demo = workdir / DEMO_CONFIG
+    config = yaml.safe_load(demo.read_text())
+    for section, values in HOSTILE_CONFIG.items():
+        config[section].update(values)
+    demo.write_text(yaml.safe_dump(config, sort_keys=False))
+    prompts = (workdir / "examples/prompts.txt").read_text()
+    (workdir / HOSTILE_CONFIG["generate"]["prompts_file"]).write_text(
+        HOSTILE.format(5) + " a green triangle\n" + prompts
+    )
+    data = workdir / HOSTILE_DATA_DIR
+    shutil.copytree(workdir / "examples/shapes", data)
+    # A valid image whose caption is too long (a warning row of the problems table) ...
+    from PIL import Image, ImageOps
+
+    with Image.open(data / "00_red_circle.png") as image:
+        ImageOps.invert(image.convert("RGB")).save(data / "zz_hostile.png")
+    (data / "zz_hostile.txt").write_text(HOSTILE.format(6) + " a red circle" * 40 + "\n")
+    # ... and a file named like markup that is not an image (a dropped item).
+    (data / "<img src=x onerror=alert(7)>.png").write_text("not an image")
+    (data / "<img src=x onerror=alert(7)>.txt").write_text("a caption\n")
+
+
+def _demo_run(tmp_path_factory) -> Path:
+    """The demo run, once per test session (also used by tests/test_reliability_workflow.py)."""
+    global _DEMO
+    if _DEMO is None:
+        workdir = copy_workflow(tmp_path_factory.mktemp("workflow") / "run")
+        add_hostile_inputs(workdir)
+        snakemake(workdir, "--profile", "profiles/demo", "--resources", "gpu=2", "--cores", "2",
+                  env={"HF_TOKEN": TOKEN})  # fmt: skip
+        _DEMO = workdir
+    return _DEMO
+
+
+_DEMO: Path | None = None
+
+
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory) -> Path:
-    """The whole demo DAG, run once for real with the README's command (plus 2 GPU tokens)."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("workflow") / "run")
-    snakemake(workdir, "--profile", "profiles/demo", "--resources", "gpu=2", "--cores", "2")
-    return workdir
+    """The whole demo DAG, run once for real with the README's command (plus 2 GPU tokens),
+    on a dataset and config with hostile strings (see add_hostile_inputs)."""
+    return _demo_run(tmp_path_factory)
 
 
 def test_demo_dag_produces_every_artifact(finished):
@@ -123,7 +180,7 @@ def test_demo_dag_produces_every_artifact(finished):
     assert manifest["kind"] == "tiny" and len(manifest["files"]) > 10
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"])
     with (results / "data/manifest.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 32
+        assert len(list(csv.DictReader(f))) == 33  # the 32 shapes and zz_hostile.png
     assert (results / "cache/latents/index.json").is_file() and (
         results / "cache/text/index.json"
     ).is_file()
@@ -138,6 +195,9 @@ def test_demo_dag_produces_every_artifact(finished):
     assert (results / "dataset/contact_sheet.png").is_file()
     assert "<polyline" in (results / "report/loss_curve.svg").read_text()
     assert list((results / "report/validation").glob("*.png"))  # the validation grid
+    assert (results / "report/problems.html").is_file()
+    assert (results / "report/contact_sheet.png").is_file()
+    assert json.loads((results / "config.json").read_text())["run"] == "demo"
     assert (results / "report.html").stat().st_size > 10_000
 
 
@@ -146,27 +206,34 @@ def test_nothing_changed_reruns_nothing(finished):
 
 
 def test_training_setting_reruns_training_and_after(finished):
-    assert would_run(finished, {"train": {"learning_rate": 2.0e-3}}) == AFTER_TRAIN
+    assert would_run(finished, {"train": {"learning_rate": 2.0e-3}}) == AFTER_TRAIN | CONFIG_EDIT
+
+
+def test_gpu_count_reruns_training_and_after(finished):
+    """batch_size is per GPU: another GPU count is another global batch, another LoRA."""
+    assert would_run(finished, {"train": {"gpus": 2}}) == AFTER_TRAIN | CONFIG_EDIT
 
 
 def test_generation_setting_reruns_generation_and_after(finished):
     assert would_run(finished, {"generate": {"guidance_scale": 3.0}}) == {
         "generate",
         "assemble",
+        "record_config",
         "report",
     }
 
 
 def test_latent_setting_reruns_latents_and_after(finished):
     got = would_run(finished, {"cache": {"latents": {"image_size": 192}}})
-    assert got == {"cache_latents", "merge_latents"} | AFTER_TRAIN  # not weights, validation, text
+    # not weights, validation, text
+    assert got == {"cache_latents", "merge_latents"} | AFTER_TRAIN | CONFIG_EDIT
 
 
 def test_added_image_reruns_validation_and_after(finished, tmp_path):
     from PIL import Image, ImageOps
 
     work = clone(finished, tmp_path / "run")
-    shapes = work / "examples/shapes"
+    shapes = work / HOSTILE_DATA_DIR
     with Image.open(shapes / "00_red_circle.png") as im:
         ImageOps.mirror(ImageOps.flip(im)).rotate(45, fillcolor="white").save(shapes / "99_new.png")
     (shapes / "99_new.txt").write_text("a rotated red circle on a white background\n")
@@ -178,7 +245,8 @@ def test_library_code_change_reruns_only_its_stages(finished, tmp_path):
     work = clone(finished, tmp_path / "run")
     writers = work / "sdxl/generate/writers.py"
     writers.write_text(writers.read_text() + "\n# an edit\n")
-    assert would_run(work) == {"generate", "assemble"}
+    # report: it shows a copy of the contact sheet that assemble writes
+    assert would_run(work) == {"generate", "assemble", "report"}
 
 
 def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
@@ -311,7 +379,8 @@ def test_slurm_profile_targets_real_rules():
 
 
 def test_two_gpu_training_runs_ddp_and_matches_one_process(finished, tmp_path):
-    """train_lora with gpu=2 goes through torchrun; on CPU (gloo) it trains what one process does."""
+    """train_lora with gpu=2 goes through torchrun; on CPU (gloo), 2 processes at batch b/2
+    train what one process does at batch b (batch_size is per GPU)."""
     from safetensors.torch import load_file
 
     from sdxl.train.config import TrainConfig
@@ -319,8 +388,13 @@ def test_two_gpu_training_runs_ddp_and_matches_one_process(finished, tmp_path):
 
     run = finished / "results/train/demo"
     settings = json.loads((run / "config.json").read_text())
-    settings.update(data_dir=str(finished / "results/cache"), output_dir=str(tmp_path / "ddp"),
-                    pretrained_model=str(finished / "results/weights/model"), validation_interval=0)  # fmt: skip
+    settings.update(
+        data_dir=str(finished / "results/cache"),
+        output_dir=str(tmp_path / "ddp"),
+        pretrained_model=str(finished / "results/weights/model"),
+        validation_interval=0,
+        batch_size=settings["batch_size"] // 2,
+    )  # per GPU: the same global batch
     run_training(TrainConfig.from_dict(settings), num_gpus=2)
     with (run / "metrics.csv").open() as a, (tmp_path / "ddp/metrics.csv").open() as b:
         one, two = ([float(r["loss"]) for r in csv.DictReader(f)] for f in (a, b))

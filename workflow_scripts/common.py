@@ -1,8 +1,10 @@
 """What every rule script does first, and the few pieces several scripts share.
 
 Scripts import this before anything else: it sends all output to the rule's log, makes the
-`sdxl` package beside the workflow importable (also inside a conda env), and claims the GPUs
-the rule asked for before torch is imported.
+`sdxl` package beside the workflow importable (also inside a conda env), ends the job when the
+snakemake above it is killed (no orphan trainer writing beside a rerun), turns an expected
+failure into one `error: ...` line at the end of the log, and claims the GPUs the rule asked
+for before torch is imported.
 """
 
 import hashlib
@@ -28,12 +30,32 @@ def start(snakemake, gpus: int = 0):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from sdxl.devices import claim_devices
+    from sdxl.procs import watch_ancestors
 
+    sys.excepthook = _one_line_errors
+    watch_ancestors()
     claim = claim_devices(gpus)
     logging.info(
         "rule %s on %s (%s)", snakemake.rule, ",".join(claim.devices) or "cpu", claim.source
     )
     return claim
+
+
+def _one_line_errors(kind, err, tb) -> None:
+    """An expected failure (bad input, missing file, ...) ends the log with one `error:` line.
+
+    snakemake --show-failed-logs then shows the reason itself, not the end of a traceback.
+    SDXL_DEBUG=1 keeps the traceback; anything unexpected (a bug) always keeps it.
+    """
+    from sdxl.cli.errors import EXPECTED, one_line
+
+    if not issubclass(kind, EXPECTED) or os.environ.get("SDXL_DEBUG"):
+        sys.__excepthook__(kind, err, tb)
+        return
+    details = str(err).strip().splitlines()[1:]
+    if details:
+        logging.error("details:\n%s", "\n".join(details))
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
 
 
 def precision(claim, wanted: str) -> str:
@@ -92,7 +114,7 @@ def generation_config(settings: dict, inputs, output_dir, device: str = "cpu"):
 
     hp = dict(settings)
     del hp["prompts_file"], hp["shards"]  # the file is an input; shards only split the work
-    prompts = expand_prompts(read_prompt_file(inputs.prompts), hp.pop("num_images"),
+    prompts = expand_prompts(read_prompt_file(inputs.prompts, flag="generate.prompts_file"), hp.pop("num_images"),
                              hp.pop("shuffle_prompts"), hp["seed"])  # fmt: skip
     return GenerateConfig(
         pretrained_model=str(inputs.model),

@@ -15,8 +15,9 @@ from sdxl.train.launch import run_training  # noqa: E402
 
 out = Path(snakemake.output.lora).parent
 resume_or_restart(out, job_fingerprint(snakemake))  # a rerun of the same job resumes
+hp = {k: v for k, v in snakemake.params.train.items() if k != "gpus"}  # the devices claimed
 cfg = TrainConfig.from_dict({
-    **snakemake.params.train, "data_dir": str(Path(snakemake.input.latents).parents[1]),
+    **hp, "data_dir": str(Path(snakemake.input.latents).parents[1]),
     "output_dir": str(out), "pretrained_model": snakemake.input.model,
     "device": claim.torch_device, "resume_from": "auto",
 })  # fmt: skip

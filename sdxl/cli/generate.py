@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.generate.prompts import expand_prompts, read_prompt_file
 from sdxl.generate.run import GenerateConfig, generate_dataset
 from sdxl.schedulers import SAMPLERS
@@ -78,17 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=None, help="worker count (default: all GPUs)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed + i")
+    add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with one_line_errors(args.debug):
         cfg = config_from_args(args)
         made = generate_dataset(cfg, args.num_gpus)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from None
     total = len(cfg.prompts)
     print(f"{made} new images in {args.output_dir} ({total - made} were already there)")
     return 0

@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from sdxl.cli.errors import add_debug_flag, one_line_errors
+from sdxl.errors import UserError
 from sdxl.train.config import LR_SCHEDULES, PRECISIONS, PREDICTIONS, TrainConfig
 
 
@@ -67,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     a("--use_ema", action="store_true")
     a("--ema_decay", type=float, default=d.ema_decay)
-    a("--prediction_type", default=d.prediction_type, choices=PREDICTIONS)
+    a(
+        "--prediction_type",
+        default=None,
+        choices=PREDICTIONS,
+        help="the model's objective (default: what its scheduler_config.json says)",
+    )
     a(
         "--min_snr_gamma",
         type=float,
@@ -82,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability of an empty caption",
     )
     a("--timestep_min", type=int, default=d.timestep_min)
-    a("--timestep_max", type=int, default=d.timestep_max)
+    a(
+        "--timestep_max",
+        type=int,
+        default=None,
+        help="exclusive upper timestep (default: the schedule's num_train_timesteps)",
+    )
     a(
         "--image_size",
         type=int,
@@ -124,31 +136,43 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_steps", type=int, default=d.validation_steps)
     a("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     a("--seed", type=int, default=d.seed)
+    add_debug_flag(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values.pop("use_lora")
+    values.pop("debug")
     prompts_file = values.pop("validation_caption_file")
     if prompts_file:
-        from sdxl.generate.prompts import read_prompt_file
-
-        values["validation_prompts"] = read_prompt_file(Path(prompts_file))
+        values["validation_prompts"] = read_validation_prompts(Path(prompts_file))
     return TrainConfig.from_dict(values)
 
 
+def read_validation_prompts(path: Path) -> list[str]:
+    """The prompts of --validation_caption_file (errors name this flag, not generation's)."""
+    from sdxl.generate.prompts import read_prompt_file
+
+    if not path.is_file():
+        raise UserError(
+            f"--validation_caption_file {path}: no such file; pass an existing text file with "
+            "one prompt per line, or leave the flag out"
+        )
+    return read_prompt_file(path, flag="--validation_caption_file")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, train, print where the LoRA is; expected failures end as one `error:` line."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        cfg = config_from_args(build_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
-    from sdxl.train.loop import train
+    args = build_parser().parse_args(argv)
+    with one_line_errors(args.debug):
+        cfg = config_from_args(args)
+        from sdxl.train.loop import train
 
-    out = train(cfg)
+        out = train(cfg)
     print(f"done: {out / 'lora_final.safetensors'}")
     return 0
 

@@ -321,7 +321,7 @@ def _format_problems(root: Path, problems: Sequence[Problem], header: str) -> st
     return "\n".join(lines)
 
 
-def _apply_policy(result: ValidationResult, policy: str, n_images: int) -> None:
+def _apply_policy(result: ValidationResult, policy: str, n_images: int, skip_hint: str) -> None:
     """Raise for policy 'fail' (or an empty result); otherwise log what was dropped."""
     root = Path(result.data_dir)
     errors = result.errors
@@ -329,7 +329,7 @@ def _apply_policy(result: ValidationResult, policy: str, n_images: int) -> None:
         n_files = len({p.file for p in errors})
         header = (
             f"dataset {root}: {len(errors)} problem(s) in {n_files} file(s) "
-            "(policy 'fail'); fix them or use policy 'skip' to drop these files:"
+            f"(policy 'fail'); fix them or {skip_hint}:"
         )
         raise DatasetError(_format_problems(root, errors, header))
     for p in errors:
@@ -355,6 +355,7 @@ def validate_dataset(
     tokenizer: Callable | None = None,
     max_tokens: int = MAX_CLIP_TOKENS,
     progress: bool = False,
+    skip_hint: str = "use policy 'skip' to drop these files",
 ) -> ValidationResult:
     """Decode every image and read every caption under data_dir; drop or refuse bad ones.
 
@@ -362,6 +363,7 @@ def validate_dataset(
     DatasetError listing them. A `tokenizer` (a CLIP tokenizer, or any text -> ids callable)
     turns on the warning for captions longer than `max_tokens`. Images whose shorter side
     is below `min_size` (default 256 px) are dropped. An empty result always raises.
+    `skip_hint` tells how the caller's user switches to 'skip' (a flag, a config key).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
@@ -382,7 +384,7 @@ def validate_dataset(
         problems += _long_captions(items, tokenizer, max_tokens)
     problems.sort(key=lambda p: p.file)  # stable: one file's problems keep their order
     result = ValidationResult(str(root), tuple(items), tuple(problems))
-    _apply_policy(result, policy, len(images))
+    _apply_policy(result, policy, len(images), skip_hint)
     return result
 
 

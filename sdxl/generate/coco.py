@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdxl.images import make_grid
+from sdxl.images import fit_in_square, make_grid
 from sdxl.utils import atomic_path, atomic_write_text
 
 
@@ -29,15 +29,26 @@ def coco_captions(records: Sequence[dict], description: str) -> dict:
     return {"info": info, "licenses": [], "images": images, "annotations": annotations}
 
 
+DATASET_FILES = ("captions.json", "metadata.jsonl", "contact_sheet.png")
+
+
 def write_dataset_files(
     out_dir: Path, records: Sequence[dict], description: str, sheet_size: int = 16
 ) -> None:
     """captions.json, metadata.jsonl and contact_sheet.png for the images in `records`."""
-    atomic_write_text(out_dir / "captions.json", json.dumps(coco_captions(records, description)))
-    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write_text(out_dir / "metadata.jsonl", lines)
+    captions, metadata, sheet = (out_dir / name for name in DATASET_FILES)
+    atomic_write_text(captions, json.dumps(coco_captions(records, description)))
+    atomic_write_text(metadata, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     if records:
-        write_contact_sheet(out_dir, records[:sheet_size], out_dir / "contact_sheet.png")
+        write_contact_sheet(out_dir, records[:sheet_size], sheet)
+    else:
+        sheet.unlink(missing_ok=True)
+
+
+def remove_dataset_files(out_dir: Path) -> None:
+    """Remove the dataset-level files (a folder rewritten in the simple format has none)."""
+    for name in DATASET_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def write_contact_sheet(
@@ -47,9 +58,7 @@ def write_contact_sheet(
     thumbs = []
     for r in records:
         with Image.open(image_dir / r["file_name"]) as im:
-            im = im.convert("RGB")
-            im.thumbnail((cell, cell))
-            thumbs.append(im.resize((cell, cell)))
+            thumbs.append(fit_in_square(im, cell))
     grid = make_grid(thumbs, [r["prompt"] for r in records], caption_lines=3)
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")

@@ -6,11 +6,14 @@ import random
 from pathlib import Path
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines skipped. Errors name the file and the fix."""
+def read_prompt_file(path: str | Path, flag: str = "--prompt-file") -> list[str]:
+    """One prompt per line; blank lines skipped. Errors name the file, `flag` and the fix.
+
+    `flag`: the option or config key the path came from, as the user wrote it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found; pass an existing --prompt-file")
+        raise FileNotFoundError(f"{path}: prompt file not found; give {flag} an existing file")
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:

@@ -2,22 +2,39 @@
 
 Image i always gets prompt i and noise seed + i, so the dataset is the same whatever the batch
 size, the number of workers, or how often the job was killed and rerun. Each image is written
-as soon as it is decoded (PNG last, atomically), and a rerun skips images already complete.
+as soon as it is decoded (PNG last, atomically) with its parameters in a PNG text chunk. A rerun
+keeps an image only if those parameters (prompt, seeds, size, sampler, steps, guidance,
+precision, model and LoRA identities) are the ones asked for and regenerates the others, so a
+folder reused with other settings ends up equal to a fresh one. One process writes a folder at a
+time (a lock in it), and worker processes die with the process that started them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sdxl.generate.coco import write_dataset_files
-from sdxl.generate.writers import index_width, is_complete, write_item
+from sdxl.cli.errors import EXPECTED  # what the user caused and can fix
+from sdxl.errors import UserError
+from sdxl.generate.coco import remove_dataset_files, write_dataset_files
+from sdxl.generate.writers import (
+    index_width,
+    is_done,
+    remove_foreign_items,
+    sync_sidecars,
+    write_item,
+)
+from sdxl.procs import die_with_parent, folder_lock
+from sdxl.utils import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +82,35 @@ class GenerateConfig:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--lora-checkpoint {path}: file not found")
 
+    @functools.cached_property
+    def identity(self) -> dict:
+        """What identifies the weights: the model's fingerprint and each LoRA file's sha256.
+
+        Computed once per config (LoRA files are hashed, the model's files only stat'ed, see
+        `sdxl.weights.model_identity`): a path alone misses a file replaced in place.
+        """
+        from sdxl.prepare import sha256_file
+        from sdxl.weights import model_identity
+
+        out: dict = {"model_id": model_identity(self.pretrained_model)}
+        if self.loras:
+            out["loras"] = [
+                {"file": Path(p).name, "scale": s, "sha256": sha256_file(Path(p))}
+                for p, s in self.loras
+            ]
+            out["lora_merged"] = self.merge_loras  # merged weights round differently
+        return out
+
+    @property
+    def caption_files(self) -> bool:
+        """Whether NNNNN.txt captions go beside the images (the COCO layout, not 'simple')."""
+        return self.output_format == "coco"
+
+    @property
+    def json_files(self) -> bool:
+        """Whether NNNNN.json per-image metadata goes beside the images."""
+        return self.save_metadata and self.output_format == "coco"
+
     @property
     def stem_width(self) -> int:
         return index_width(len(self.prompts))
@@ -75,17 +121,13 @@ class GenerateConfig:
 
 def resolve_devices(device: str, num_workers: int | None) -> list[str]:
     """One device string per worker. CPU workers are processes on the same CPU (for tests)."""
-    import torch
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return ["cpu"] * (num_workers or 1)
     available = torch.cuda.device_count()
     if available == 0:
-        raise RuntimeError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
-        )
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     n = num_workers or available
     if n > available:
         raise ValueError(f"--num-gpus {n} asked for, but only {available} GPU(s) are visible")
@@ -93,7 +135,7 @@ def resolve_devices(device: str, num_workers: int | None) -> list[str]:
 
 
 def image_meta(cfg: GenerateConfig, index: int) -> dict:
-    """Per-image metadata: enough to regenerate exactly this image."""
+    """Per-image metadata: enough to regenerate exactly this image, and to know it is the same."""
     return {
         "index": index,
         "file_name": f"{cfg.file_stem(index)}.png",
@@ -110,13 +152,27 @@ def image_meta(cfg: GenerateConfig, index: int) -> dict:
         "model": cfg.pretrained_model,
         "lora": ", ".join(f"{Path(p).name}:{s:g}" for p, s in cfg.loras),
         "precision": cfg.precision,
+        **cfg.identity,
     }
 
 
 def pending_indices(cfg: GenerateConfig, indices: list[int]) -> list[int]:
-    """The indices whose PNG is missing or unreadable (a crash mid-write is regenerated)."""
+    """The indices whose PNG is missing, cut short, or was made with other parameters."""
     out = Path(cfg.output_dir)
-    return [i for i in indices if not is_complete(out / f"{cfg.file_stem(i)}.png")]
+    return [i for i in indices if not is_done(out / f"{cfg.file_stem(i)}.png", image_meta(cfg, i))]
+
+
+def _prepare(cfg: GenerateConfig, indices: list[int]) -> list[int]:
+    """The indices still to make; the finished ones get their .txt/.json brought up to date.
+
+    A folder first written with --save-metadata or in the simple format keeps its images, and
+    its sidecar files become what a fresh run with today's flags writes.
+    """
+    todo = pending_indices(cfg, indices)
+    pending, out = set(todo), Path(cfg.output_dir)
+    for i in (i for i in indices if i not in pending):
+        sync_sidecars(out, cfg.file_stem(i), image_meta(cfg, i), cfg.caption_files, cfg.json_files)
+    return todo
 
 
 def load_generation_pipeline(cfg: GenerateConfig, device: str):
@@ -133,16 +189,49 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str):
     return pipe
 
 
+@contextlib.contextmanager
+def _dataset_lock(cfg: GenerateConfig) -> Iterator[Path]:
+    """Hold the output folder's lock for the block, after clearing temp files of killed runs."""
+    out = Path(cfg.output_dir)
+    with folder_lock(out, "this dataset"):
+        removed = remove_stale_temps(out)
+        if removed:
+            log.info("removed %d temp file(s) a killed run left in %s", len(removed), out)
+        yield out
+
+
 def generate_indices(cfg: GenerateConfig, indices: list[int], device: str = "cpu",
                      pipe=None, position: int = 0) -> int:  # fmt: skip
-    """Generate the images at `indices` that are not done yet; return how many were made."""
-    todo = pending_indices(cfg, indices)
+    """Make the images at `indices` that are not done yet on one device; return how many.
+
+    The entry point of one job (a workflow shard): it holds the folder's lock throughout, so a
+    rerun never writes beside a survivor of a killed run.
+    """
+    with _dataset_lock(cfg):
+        return _generate(cfg, indices, [device], pipe, position)
+
+
+def _generate(cfg: GenerateConfig, indices: list[int], devices: list[str], pipe=None,
+              position: int = 0) -> int:  # fmt: skip
+    """Under the lock: bring `indices` up to date, then drop the numbered files of no image."""
+    todo = _prepare(cfg, indices)
+    if len(devices) > 1 and todo:
+        run_workers(cfg, todo, devices)
+    else:
+        _make_images(cfg, todo, devices[0], pipe, position)
+    removed = remove_foreign_items(Path(cfg.output_dir), len(cfg.prompts))
+    if removed:
+        log.info("removed %d file(s) of images beyond this dataset", len(removed))
+    return len(todo)
+
+
+def _make_images(cfg: GenerateConfig, todo: list[int], device: str, pipe=None,
+                 position: int = 0) -> None:  # fmt: skip
+    """Generate and write exactly the images at `todo` (the caller did the resume check)."""
     if not todo:
-        return 0
+        return
     pipe = pipe or load_generation_pipeline(cfg, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json = cfg.save_metadata and cfg.output_format == "coco"
     # fp32 (always on CPU): bit-identical images for any batch size; bf16/fp16 on GPU: batched.
     exact = pipe.dtype == torch.float32
     with tqdm(total=len(todo), desc=f"images[{device}]", unit="img", position=position) as bar:
@@ -155,27 +244,31 @@ def generate_indices(cfg: GenerateConfig, indices: list[int], device: str = "cpu
                 indices=batch, batch_invariant=exact,
             )  # fmt: skip
             for i, image in zip(batch, images, strict=True):
-                meta = image_meta(cfg, i)
-                if cfg.output_format == "coco":
-                    write_item(out, cfg.file_stem(i), image, meta, save_json)
-                else:
-                    write_item(out, cfg.file_stem(i), image, meta, False, caption=False)
+                write_item(out, cfg.file_stem(i), image, image_meta(cfg, i), cfg.json_files,
+                           caption=cfg.caption_files)  # fmt: skip
             bar.update(len(batch))
-    return len(todo)
 
 
-def _worker(
-    cfg: GenerateConfig, indices: list[int], device: str, rank: int, threads: int, errors
-) -> None:
-    """Entry point of one worker process; reports its traceback to the parent on failure."""
+class WorkerFailed(UserError):
+    """A worker stopped on an expected error (a bad LoRA file, an unwritable image, ...)."""
+
+
+def _worker(cfg: GenerateConfig, indices: list[int], device: str, rank: int, threads: int,
+            parent: int, errors) -> None:  # fmt: skip
+    """Entry point of one worker process; reports its failure to the parent.
+
+    It dies with the parent, so a killed command leaves no worker writing on. A CPU worker uses
+    the parent's thread count: the matmul blocking, and with it the last bit of some pixels,
+    depends on the thread count, and a dataset must not depend on the number of workers.
+    """
+    die_with_parent(parent)
     try:
-        import torch
-
         if device == "cpu":
             torch.set_num_threads(threads)
-        generate_indices(cfg, indices, device, position=rank)
-    except BaseException:
-        errors.put((rank, traceback.format_exc()))
+        _make_images(cfg, indices, device, position=rank)
+    except BaseException as err:
+        message = str(err).strip().splitlines()[0] if isinstance(err, EXPECTED) else None
+        errors.put((rank, message, traceback.format_exc()))
         raise SystemExit(1) from None
 
 
@@ -186,9 +279,9 @@ def run_workers(cfg: GenerateConfig, indices: list[int], devices: list[str]) -> 
 
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    common = (torch.get_num_threads(), os.getpid(), errors)
     procs = [
-        ctx.Process(target=_worker, args=(cfg, indices[w :: len(devices)], dev, w, threads, errors))
+        ctx.Process(target=_worker, args=(cfg, indices[w :: len(devices)], dev, w, *common))
         for w, dev in enumerate(devices)
     ]
     for p in procs:
@@ -207,28 +300,30 @@ def run_workers(cfg: GenerateConfig, indices: list[int], devices: list[str]) -> 
     bad = [(w, p.exitcode) for w, p in enumerate(procs) if p.exitcode != 0]
     if failed is not None or bad:
         try:
-            rank, tb = errors.get(timeout=1.0)
+            rank, message, tb = errors.get(timeout=1.0)
         except queue.Empty:
-            rank, tb = bad[0][0], f"exit code {bad[0][1]} (killed?)"
-        raise RuntimeError(f"generation worker {rank} ({devices[rank]}) failed:\n{tb}")
+            rank, message, tb = bad[0][0], None, f"exit code {bad[0][1]} (killed?)"
+        head = f"generation worker {rank} ({devices[rank]}) failed"
+        if message is not None:  # one line for the user; the worker's traceback goes to the log
+            raise WorkerFailed(f"{head}: {message}\n{tb}")
+        raise RuntimeError(f"{head}:\n{tb}")
 
 
 def generate_dataset(cfg: GenerateConfig, num_workers: int | None = None,
                      indices: list[int] | None = None) -> int:  # fmt: skip
     """Generate (or finish) the dataset, then write captions.json, metadata.jsonl, contact sheet.
 
-    Returns the number of images made by this call.
+    Holds the folder's lock throughout; returns the number of images made by this call.
     """
     indices = list(range(len(cfg.prompts))) if indices is None else indices
     devices = resolve_devices(cfg.device, num_workers)
-    before = len(pending_indices(cfg, indices))
-    if len(devices) == 1:
-        generate_indices(cfg, indices, devices[0])
-    elif before:
-        run_workers(cfg, indices, devices)
-    if cfg.output_format == "coco":
-        finalize_dataset(cfg, indices)
-    return before
+    with _dataset_lock(cfg) as out:
+        made = _generate(cfg, indices, devices)
+        if cfg.output_format == "coco":
+            finalize_dataset(cfg, indices)
+        else:
+            remove_dataset_files(out)
+    return made
 
 
 def finalize_dataset(cfg: GenerateConfig, indices: list[int], out_dir: Path | None = None) -> None:

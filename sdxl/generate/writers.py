@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
 from sdxl.utils import atomic_path, atomic_write_text
+
+META_KEY = "sdxl"  # the PNG text chunk holding image_meta as JSON
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last 12 bytes (empty IEND chunk + its CRC)
+_ITEM = re.compile(r"(\d+)\.(png|txt|json)")  # the numbered files a dataset folder holds
 
 
 def index_width(num_images: int) -> int:
@@ -32,33 +39,99 @@ def parameters_text(meta: dict) -> str:
     return f"{meta['prompt']}{negative}\n{settings}"
 
 
+def meta_text(meta: dict) -> str:
+    """The JSON stored in the PNG: compared as text to decide whether an image is done."""
+    return json.dumps(meta, sort_keys=True)
+
+
 def save_png(image: Image.Image, path: Path, meta: dict) -> None:
     """Save a PNG carrying its generation parameters (A1111 'parameters' + JSON 'sdxl')."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(meta))
-    info.add_text("sdxl", json.dumps(meta, sort_keys=True))
+    info.add_text(META_KEY, meta_text(meta))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def is_complete(path: Path) -> bool:
-    """True when `path` is a PNG that decodes fully (a crashed write is regenerated)."""
-    if not path.is_file():
-        return False
+def recorded_meta(path: Path) -> str | None:
+    """The 'sdxl' text of a complete PNG, or None if it is missing, cut short or not ours.
+
+    Reads the chunks before the pixel data and the last 12 bytes, never the pixels: writes are
+    atomic, so a file at the final name is whole unless damaged afterwards, and decoding every
+    image would make the resume check of a large dataset take hours.
+    """
     try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:  # any decode failure means the file must be rewritten
+        with open(path, "rb") as f:
+            if not _ends_with_iend(f):
+                return None
+            with Image.open(f, formats=["PNG"]) as im:
+                text = im.info.get(META_KEY)
+    except (OSError, SyntaxError, ValueError):  # not a file, not a PNG, damaged chunks
+        return None
+    return text if isinstance(text, str) else None
+
+
+def _ends_with_iend(f: BinaryIO) -> bool:
+    """True when the open file ends with a PNG's IEND chunk (a cut-short file does not)."""
+    if f.seek(0, os.SEEK_END) < len(_IEND):
         return False
+    f.seek(-len(_IEND), os.SEEK_END)
+    whole = f.read() == _IEND
+    f.seek(0)
+    return whole
+
+
+def is_done(path: Path, meta: dict) -> bool:
+    """True when `path` is a whole PNG made with exactly the parameters in `meta`."""
+    return recorded_meta(path) == meta_text(meta)
+
+
+def sync_sidecars(out_dir: Path, stem: str, meta: dict, caption: bool, save_json: bool) -> None:
+    """Make NNNNN.txt / NNNNN.json say what `meta` says, and remove the ones not wanted.
+
+    Files that already hold the right text are left alone (a resume rewrites nothing).
+    """
+    wanted = {
+        out_dir / f"{stem}.txt": meta["prompt"] if caption else None,
+        out_dir / f"{stem}.json": json.dumps(meta, indent=2) if save_json else None,
+    }
+    for path, text in wanted.items():
+        if text is None:
+            path.unlink(missing_ok=True)
+        elif not path.is_file() or path.read_bytes() != text.encode("utf-8"):
+            atomic_write_text(path, text)
 
 
 def write_item(
     out_dir: Path, stem: str, image: Image.Image, meta: dict, save_json: bool, caption: bool = True
 ) -> None:
     """Write NNNNN.txt, optional NNNNN.json, then NNNNN.png last (its presence marks done)."""
-    if caption:
-        atomic_write_text(out_dir / f"{stem}.txt", meta["prompt"])
-    if save_json:
-        atomic_write_text(out_dir / f"{stem}.json", json.dumps(meta, indent=2))
+    sync_sidecars(out_dir, stem, meta, caption, save_json)
     save_png(image, out_dir / f"{stem}.png", meta)
+
+
+def remove_foreign_items(out_dir: Path, num_images: int) -> list[Path]:
+    """Delete the numbered files (NNNNN.png/.txt/.json) that are no image of this dataset.
+
+    Those are left by an earlier run with more images (or another zero-padding); a fresh folder
+    would not have them. A numbered PNG without our metadata is someone else's file: it and its
+    sidecars stay.
+    """
+    width = index_width(num_images)
+    stale: dict[str, list[Path]] = {}
+    for path in out_dir.iterdir():
+        match = _ITEM.fullmatch(path.name)
+        if not match or not path.is_file():
+            continue
+        stem = match[1]
+        if len(stem) != width or int(stem) >= num_images:
+            stale.setdefault(stem, []).append(path)
+    removed = []
+    for stem, paths in stale.items():
+        png = out_dir / f"{stem}.png"
+        if png.exists() and recorded_meta(png) is None:
+            continue
+        for path in paths:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

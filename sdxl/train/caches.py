@@ -1,67 +1,283 @@
-"""Turn --data_dir into caches: use a pipeline-built cache as is, or build one from raw images."""
+"""Turn --data_dir into caches: use a pipeline-built cache as is, or build one from raw images.
+
+A cache built in output_dir/cache is keyed by everything that decides its content: the cache
+settings, the model files that encode it (VAE, text encoders, tokenizers: name, size, mtime)
+and every dataset file's relative path, size and mtime (a cheap scan, nothing decoded). The
+key goes into cache/inputs.json before the build starts, so:
+- same inputs, finished cache: reused;
+- same inputs, build killed half way: resumed shard by shard (the shards check their items);
+- other inputs (an edited caption, a new image, another --image_size or VAE, or a cache of an
+  older version without inputs.json): deleted and rebuilt from scratch, with one log line
+  saying what changed.
+The digest of the key is recorded in every checkpoint (see loop.Trainer._resume).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from sdxl.errors import UserError
 from sdxl.train.config import TrainConfig
 from sdxl.train.distributed import DistInfo, barrier
+from sdxl.train.hooks import pause_point
+from sdxl.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+INPUTS = "inputs.json"
+INPUTS_VERSION = 1
+# The model folders whose files decide the cached latents and text embeddings.
+CACHE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+MAX_NAMED = 3  # changed files named in a log line
+
+
+@dataclass(frozen=True)
+class Caches:
+    """The caches a run trains on, and `data_key`: what made them (recorded in checkpoints)."""
+
+    model_dir: Path
+    latent_dir: Path
+    text_dir: Path
+    data_key: dict  # {"digest": str, "settings": {TrainConfig field: value}}
+
+
+@dataclass(frozen=True)
+class CacheBuild:
+    """A build rank 0 must do: the new key, the validated items, and why."""
+
+    inputs: dict
+    result: object  # sdxl.data.dataset.ValidationResult
+    reason: str
+
 
 def resolve_model_dir(source: str) -> Path:
-    """A diffusers-layout folder for `source` (builtin:tiny is written on first use)."""
-    from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl
+    """A diffusers-layout SDXL folder for `source` (builtin:tiny is written on first use).
 
-    if source == BUILTIN_TINY:
-        return ensure_tiny_sdxl()
-    path = Path(source)
+    Only model_index.json or a file's header is read, so a wrong path, random bytes or another
+    model family fail at once with one message, before anything is loaded.
+    """
+    from sdxl.weights import WeightsError, check_model_source
+
+    try:
+        path = check_model_source(source)
+    except WeightsError as err:
+        raise WeightsError(f"--pretrained_model: {err}") from None
     if path.is_file():
-        raise ValueError(
-            f"{path}: training needs a diffusers-layout SDXL folder, not a single file; convert it "
-            "with `download_weights.sh --from-single-file` or the pipeline's weights rule"
-        )
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"{path}: not a diffusers SDXL folder (no model_index.json); download it with "
-            "./download_weights.sh or pass --pretrained_model builtin:tiny to try the pipeline"
+        raise UserError(
+            f"--pretrained_model {path}: training needs a diffusers-layout SDXL folder, not a "
+            "single file; convert it with `download_weights.sh --from-single-file` or the "
+            "pipeline's weights rule"
         )
     return path
+
+
+def read_scheduler_config(model_dir: Path) -> tuple[dict, Path]:
+    """The model's scheduler_config.json (and its path, for messages)."""
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it ({err}); download the model again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object; download the model again")
+    return config, path
 
 
 def is_cache_dir(path: Path) -> bool:
     return (path / "latents" / "index.json").exists() and (path / "text" / "index.json").exists()
 
 
-def prepare_caches(cfg: TrainConfig, dist: DistInfo) -> tuple[Path, Path, Path]:
-    """(model folder, latent cache, text cache); rank 0 builds missing caches, others wait."""
-    model_dir = resolve_model_dir(cfg.pretrained_model)
-    data = Path(cfg.data_dir)
-    if is_cache_dir(data):
-        return model_dir, data / "latents", data / "text"
+# --------------------------------------------------------------------------- the key
+
+
+def cache_settings(cfg: TrainConfig, dist: DistInfo) -> dict:
+    """The settings that decide the cache, named as TrainConfig fields (+ the text dtype)."""
+    return {
+        "image_size": cfg.image_size,
+        "center_crop": cfg.center_crop,
+        "random_flip": cfg.random_flip,
+        "seed": cfg.seed,
+        "min_image_size": cfg.min_image_size,
+        "strict_data": cfg.strict_data,
+        "vae_model": cfg.vae_model is not None,  # which VAE: its files are in "model"
+        "text_dtype": text_dtype(cfg, dist),
+    }
+
+
+def text_dtype(cfg: TrainConfig, dist: DistInfo) -> str:
+    return "fp32" if dist.device.type == "cpu" else cfg.precision
+
+
+def file_stats(root: Path, rels: list[Path]) -> dict[str, list[int]]:
+    """{relative POSIX path: [size, mtime_ns]} of files under root (a cheap change detector)."""
+    stats = {}
+    for rel in rels:
+        st = (root / rel).stat()
+        stats[rel.as_posix()] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def _folder_stats(folder: Path, prefix: str) -> dict[str, list[int]]:
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    return {f"{prefix}/{k}": v for k, v in file_stats(folder, files).items()}
+
+
+def model_stats(model_dir: Path, vae_model: str | None) -> dict[str, list[int]]:
+    """Stats of the files that encode the cache: the VAE (or --vae_model), encoders, tokenizers."""
+    stats = {}
+    for name in CACHE_COMPONENTS:
+        if name == "vae" and vae_model is not None:
+            stats.update(_folder_stats(Path(vae_model), "vae_model"))
+        elif (model_dir / name).is_dir():
+            stats.update(_folder_stats(model_dir / name, name))
+    return stats
+
+
+def cache_inputs(cfg: TrainConfig, model_dir: Path, data: Path, dist: DistInfo) -> dict:
+    """Everything that decides a cache built from the raw folder `data`."""
+    from sdxl.data.dataset import scan_dataset
+
+    images, captions = scan_dataset(data)
+    return {
+        "version": INPUTS_VERSION,
+        "settings": cache_settings(cfg, dist),
+        "model": model_stats(model_dir, cfg.vae_model),
+        "dataset": file_stats(data, images + captions),
+    }
+
+
+def digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def describe_change(old: dict | None, new: dict) -> str:
+    """What differs between two cache keys, in a few words (for the log and warnings)."""
+    if not isinstance(old, dict) or old.get("version") != new.get("version"):
+        return "no key of this version (an older or unfinished cache)"
+    parts = changed_settings(old.get("settings", {}), new["settings"])
+    for section in ("model", "dataset"):
+        a, b = old.get(section, {}), new[section]
+        added = sorted(set(b) - set(a))
+        removed = sorted(set(a) - set(b))
+        edited = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+        for what, names in (("added", added), ("removed", removed), ("changed", edited)):
+            if names:
+                shown = ", ".join(names[:MAX_NAMED]) + (", ..." if len(names) > MAX_NAMED else "")
+                parts.append(f"{section}: {len(names)} file(s) {what} ({shown})")
+    return "; ".join(parts) or "nothing"
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def _read_inputs(cache: Path) -> dict | None:
+    try:
+        return json.loads((cache / INPUTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- plan and build
+
+
+def _check_data_dir(data: Path) -> None:
+    if not data.exists():
+        raise UserError(f"--data_dir {data}: no such folder; pass your image+caption folder")
     if not data.is_dir():
-        raise FileNotFoundError(f"--data_dir {data}: no such folder")
+        raise UserError(f"--data_dir {data}: not a folder; pass your image+caption folder")
+
+
+def plan_caches(cfg: TrainConfig, model_dir: Path, dist: DistInfo) -> CacheBuild | None:
+    """The build rank 0 must do, or None when the caches can be used as they are.
+
+    Read-only, so bad data fails here before anything is written to output_dir: the dataset
+    is validated now (every image decoded) when a build is needed, and an empty or all-bad
+    folder is a UserError.
+    """
+    data = Path(cfg.data_dir)
+    if is_cache_dir(data) or not dist.is_main:
+        return None
+    _check_data_dir(data)
     cache = Path(cfg.output_dir) / "cache"
-    if dist.is_main and not is_cache_dir(cache):
-        _build(cfg, model_dir, data, cache, dist)
+    inputs = cache_inputs(cfg, model_dir, data, dist)
+    old = _read_inputs(cache)
+    if old == inputs and is_cache_dir(cache):
+        return None
+    if old == inputs:
+        reason = "resuming an unfinished build"
+    else:
+        reason = "no cache yet" if not cache.exists() else describe_change(old, inputs)
+    return CacheBuild(inputs, _validate(cfg, data), reason)
+
+
+def _validate(cfg: TrainConfig, data: Path):
+    from sdxl.data.dataset import DatasetError, validate_dataset
+
+    try:
+        return validate_dataset(data, min_size=cfg.min_image_size,
+                                policy="fail" if cfg.strict_data else "skip",
+                                skip_hint="drop --strict_data to skip them")  # fmt: skip
+    except DatasetError as err:
+        raise UserError(str(err)) from None
+
+
+def prepare_caches(
+    cfg: TrainConfig, model_dir: Path, build: CacheBuild | None, dist: DistInfo
+) -> Caches:
+    """Build (rank 0, under the output lock) what `plan_caches` found missing; all ranks wait."""
+    data = Path(cfg.data_dir)
+    folder = data if is_cache_dir(data) else Path(cfg.output_dir) / "cache"
+    if build is not None:
+        _build(cfg, model_dir, build, folder, dist)
     barrier()
-    return model_dir, cache / "latents", cache / "text"
+    if folder == data:
+        _check_cache_size(cfg, data)
+        key = {"digest": digest([_index_bytes(data, k) for k in ("latents", "text")]),
+               "settings": {}}  # fmt: skip
+    else:
+        inputs = _read_inputs(folder)
+        key = {"digest": digest(inputs), "settings": inputs["settings"]}
+    return Caches(model_dir, folder / "latents", folder / "text", key)
 
 
-def _build(cfg: TrainConfig, model_dir: Path, data: Path, cache: Path, dist: DistInfo) -> None:
+def _index_bytes(folder: Path, kind: str) -> str:
+    return (folder / kind / "index.json").read_text(encoding="utf-8")
+
+
+def _check_cache_size(cfg: TrainConfig, folder: Path) -> None:
+    """A pipeline cache was built at one size: config.json and the metadata must say that one."""
+    size = json.loads(_index_bytes(folder, "latents")).get("image_size")
+    if size is not None and size != cfg.image_size:
+        raise UserError(
+            f"--data_dir {folder} holds latents cached at {size} px but --image_size is "
+            f"{cfg.image_size}; pass --image_size {size}, or the raw image folder to re-cache"
+        )
+
+
+def _build(cfg: TrainConfig, model_dir: Path, build: CacheBuild, cache: Path, dist) -> None:
+    """Write the key first, then the caches (resumable shard by shard under the same key)."""
     from sdxl.data.cache import build_latent_cache, build_text_cache
-    from sdxl.data.dataset import validate_dataset, write_problems
+    from sdxl.data.dataset import write_problems
 
-    log.info("building caches for %s in %s", data, cache)
-    result = validate_dataset(data, min_size=cfg.min_image_size,
-                              policy="fail" if cfg.strict_data else "skip")  # fmt: skip
-    write_problems(result, cache / "problems.tsv", cache / "problems.html")
-    device = str(dist.device)
-    dtype = "fp32" if dist.device.type == "cpu" else cfg.precision
-    build_latent_cache(result.items, model_dir, cache / "latents", image_size=cfg.image_size,
+    if _read_inputs(cache) != build.inputs and cache.exists():
+        log.info("rebuilding the cache in %s: %s", cache, build.reason)
+        shutil.rmtree(cache)
+    else:
+        log.info("building caches for %s in %s (%s)", cfg.data_dir, cache, build.reason)
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache / INPUTS, json.dumps(build.inputs, indent=1))
+    write_problems(build.result, cache / "problems.tsv", cache / "problems.html")
+    items, device = build.result.items, str(dist.device)
+    build_latent_cache(items, model_dir, cache / "latents", image_size=cfg.image_size,
                        random_crop=not cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed,
                        batch_size=cfg.cache_batch_size, device=device, dtype="fp32",
                        vae_dir=cfg.vae_model)  # fmt: skip
-    build_text_cache(result.items, model_dir, cache / "text", device=device, dtype=dtype)
+    pause_point("cache")
+    build_text_cache(items, model_dir, cache / "text", device=device, dtype=text_dtype(cfg, dist))

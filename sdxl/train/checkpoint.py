@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from sdxl.errors import UserError
+from sdxl.train.hooks import pause_point
 from sdxl.utils import atomic_path
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL = "checkpoint_final.pt"
+REQUIRED = ("lora", "optimizer", "scaler", "rng", "position", "config")
+
+
+class CheckpointError(UserError):
+    """A checkpoint file cannot be used; the message says which and what to do."""
 
 
 @dataclass
@@ -24,20 +36,65 @@ class Position:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file, then rename: a killed job never leaves a half checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save to a temp file, then rename: a killed job never leaves a half checkpoint.
+
+    A full disk (torch reports it as ENOSPC or as its own `unexpected pos` RuntimeError) is a
+    CheckpointError naming the folder and the space needed; the temp file is removed and the
+    previous checkpoints are untouched.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+            pause_point(f"checkpoint:{path.name}")
+    except (OSError, RuntimeError) as err:
+        need = state_nbytes(state)
+        if not _out_of_space(err, path.parent, need):
+            raise
+        raise CheckpointError(
+            f"{path.parent}: no space left on the device to write {path.name} (a checkpoint "
+            f"needs about {need / 2**20:.1f} MiB, {_free(path.parent) / 2**20:.1f} MiB free); "
+            "free some space and rerun to resume from the last checkpoint, or use another "
+            "--output_dir"
+        ) from err
+
+
+def state_nbytes(state: object) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: about its size on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def _free(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _out_of_space(err: Exception, folder: Path, need: int) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return _free(folder) < need  # torch's writer hides the errno in a RuntimeError
 
 
 def load_checkpoint(path: Path) -> dict:
     """Load with weights_only=True; a broken file gets an error that says what to do."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(
-            f"{path}: cannot read this checkpoint ({err}); delete it to resume from an earlier "
-            "one, or pass --resume_from none to start over"
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint ({str(err).splitlines()[0]}); delete it to "
+            "resume from an earlier one, or pass --resume_from none to start over"
         ) from err
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint of this tool (no {', '.join(missing)}); pass a "
+            "checkpoint-step*.pt or checkpoint_final.pt, or --resume_from none to start over"
+        )
+    return state
 
 
 def rng_state() -> dict:
@@ -57,16 +114,32 @@ def step_checkpoint_path(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINT_DIR / f"checkpoint-step{step:07d}.pt"
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The final checkpoint if the run finished, else the step checkpoint with the most steps."""
-    if (output_dir / FINAL).exists():
-        return output_dir / FINAL
+def checkpoints_newest_first(output_dir: Path) -> list[Path]:
+    """The final checkpoint (if the run finished), then step checkpoints, most steps first."""
     found = sorted(
-        (int(m.group(1)), p)
-        for p in (output_dir / CHECKPOINT_DIR).glob("checkpoint-step*.pt")
-        if (m := re.fullmatch(r"checkpoint-step(\d+)\.pt", p.name))
-    )
-    return found[-1][1] if found else None
+        ((int(m.group(1)), p)
+         for p in (output_dir / CHECKPOINT_DIR).glob("checkpoint-step*.pt")
+         if (m := re.fullmatch(r"checkpoint-step(\d+)\.pt", p.name))),
+        reverse=True,
+    )  # fmt: skip
+    final = [output_dir / FINAL] if (output_dir / FINAL).is_file() else []
+    return final + [p for _, p in found]
+
+
+def load_newest_checkpoint(output_dir: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in output_dir; unreadable newer ones are skipped, warned."""
+    for path in checkpoints_newest_first(output_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("%s; falling back to the previous checkpoint", err)
+    return None
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Delete a run's checkpoints (when it starts over, they must never be resumed)."""
+    for path in checkpoints_newest_first(output_dir):
+        path.unlink(missing_ok=True)
 
 
 def position_dict(pos: Position) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+
+from sdxl.errors import UserError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -43,12 +45,12 @@ class TrainConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     # objective
-    prediction_type: str = "epsilon"
+    prediction_type: str | None = None  # None: the model's (scheduler_config.json)
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     caption_dropout: float = 0.0
     timestep_min: int = 0
-    timestep_max: int = 1000
+    timestep_max: int | None = None  # None: the schedule's num_train_timesteps
     # data
     image_size: int = 1024
     center_crop: bool = False
@@ -74,16 +76,21 @@ class TrainConfig:
     def __post_init__(self):
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
-        _choice("prediction_type", self.prediction_type, PREDICTIONS)
+        if self.prediction_type is not None:
+            _choice("prediction_type", self.prediction_type, PREDICTIONS)
         for key in ("batch_size", "gradient_accumulation_steps", "num_epochs", "lora_rank",
                     "image_size", "save_interval", "log_interval", "validation_steps"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.image_size % 64:
             raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
-        if not 0 <= self.timestep_min < self.timestep_max <= 1000:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or unset), got {self.max_steps}")
+        top = self.timestep_max
+        if self.timestep_min < 0 or (top is not None and self.timestep_min >= top):
             raise ValueError(
-                f"timestep range [{self.timestep_min}, {self.timestep_max}) must lie in [0, 1000)"
+                f"timestep range [{self.timestep_min}, {top}) is empty or negative; "
+                "pass 0 <= --timestep_min < --timestep_max"
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
@@ -111,6 +118,30 @@ class TrainConfig:
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def for_model(cfg: TrainConfig, scheduler_config: dict, source: str) -> TrainConfig:
+    """`cfg` with the model's prediction type and timestep count filled in, checked against them.
+
+    A LoRA trained for another objective than its base model's learns the wrong target, and
+    timesteps past the schedule's end index outside its tables: both are refused here.
+    """
+    model_pred = scheduler_config.get("prediction_type", "epsilon")
+    steps = int(scheduler_config.get("num_train_timesteps", 1000))
+    if cfg.prediction_type is not None and cfg.prediction_type != model_pred:
+        raise UserError(
+            f"--prediction_type {cfg.prediction_type} but {source} says {model_pred!r}; "
+            "drop --prediction_type to train with the model's"
+        )
+    if cfg.timestep_max is not None and cfg.timestep_max > steps:
+        raise UserError(
+            f"--timestep_max {cfg.timestep_max} is past the {steps} timesteps of {source}; "
+            f"pass at most {steps}, or drop it"
+        )
+    top = steps if cfg.timestep_max is None else cfg.timestep_max
+    if cfg.timestep_min >= top:
+        raise UserError(f"--timestep_min {cfg.timestep_min} must be below {top}")
+    return replace(cfg, prediction_type=model_pred, timestep_max=top)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

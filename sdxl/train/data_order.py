@@ -19,13 +19,13 @@ def step_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
 
 
 def epoch_batches(
-    buckets: Mapping[tuple[int, int], Sequence[int]], epoch: int, seed: int, batch_size: int,
-    min_batch: int = 1,
-) -> list[list[int]]:  # fmt: skip
-    """Shuffle within each bucket, cut into batches, shuffle the batches.
+    buckets: Mapping[tuple[int, int], Sequence[int]], epoch: int, seed: int, batch_size: int
+) -> list[list[int]]:
+    """Shuffle within each bucket, cut into global batches, shuffle the batches.
 
-    Batches smaller than `min_batch` (the number of processes) are dropped so every rank gets
-    at least one sample.
+    `batch_size` is the global batch (per-GPU batch x number of processes). No sample is ever
+    dropped: a bucket's last batch may be short, and ranks whose share of it is empty take part
+    in the step with zero gradients, so N processes at batch b equal 1 process at batch N*b.
     """
     g = torch.Generator("cpu").manual_seed(seed * 7919 + epoch)
     batches = []
@@ -34,7 +34,6 @@ def epoch_batches(
         perm = torch.randperm(len(idx), generator=g).tolist()
         shuffled = [idx[i] for i in perm]
         batches += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
-    batches = [b for b in batches if len(b) >= min_batch]
     order = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in order]
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sdxl.errors import UserError
+from sdxl.procs import die_with_parent
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,21 +35,28 @@ def setup(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
-        )
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    if world > 1:
+        die_with_parent()  # a torchrun rank: killing torchrun (or its parent) kills the rank
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, world, dev)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks (one flat buffer, one collective)."""
+    """Sum gradients over ranks (one flat buffer, one collective).
+
+    A rank that had no sample in this step (its share of a short batch was empty) has no
+    gradients yet: it sends zeros, so every rank joins the same collective.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)

@@ -2,22 +2,53 @@
 
 `python -m sdxl.train.launch config.json` is the entry point torchrun starts: it reads a
 TrainConfig saved as JSON (TrainConfig.to_dict) and trains.
+
+One writer per output folder: the process that trains (rank 0) holds `folder_lock` on
+output_dir for the whole run. When run_training starts torchrun, it holds the lock itself
+while torchrun runs and tells the ranks so (LOCK_HELD_ENV), and torchrun dies with it
+(PR_SET_PDEATHSIG); each rank dies with torchrun (distributed.setup), so killing the parent
+kills the whole tree and a rerun never runs beside a survivor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from sdxl.procs import die_with_parent, folder_lock
 from sdxl.train.config import TrainConfig
-from sdxl.utils import atomic_write_text
+from sdxl.utils import atomic_write_text, remove_stale_temps
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
+LOCK_HELD_ENV = "SDXL_TRAIN_LOCK_HELD"  # the output folder whose lock a parent process holds
+LOCK_WHAT = "training outputs"
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | os.PathLike, dist) -> Iterator[None]:
+    """Rank 0 holds output_dir's lock for the block (unless the launching parent holds it).
+
+    Under the lock, temp files left by a killed run (output_dir, cache/, checkpoints/) are
+    removed: no live writer can own them.
+    """
+    folder = Path(output_dir)
+    if not dist.is_main:
+        yield
+        return
+    held_by_parent = os.environ.get(LOCK_HELD_ENV) == str(folder.resolve())
+    with contextlib.nullcontext() if held_by_parent else folder_lock(folder, LOCK_WHAT):
+        removed = remove_stale_temps(folder, recursive=True)
+        if removed:
+            log.info("removed %d temp file(s) left by a killed run: %s", len(removed),
+                     ", ".join(str(p.relative_to(folder)) for p in removed[:5]))  # fmt: skip
+        yield
 
 
 def torchrun_command(config_json: str | os.PathLike, num_gpus: int) -> list[str]:
@@ -32,19 +63,20 @@ def run_training(cfg: TrainConfig, num_gpus: int = 1) -> Path:
         from sdxl.train.loop import train
 
         return train(cfg)
-    config_json = Path(cfg.output_dir) / "launch-config.json"
-    atomic_write_text(config_json, json.dumps(cfg.to_dict(), indent=2))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    log.info(
-        "starting DDP training on %d GPUs: %s",
-        num_gpus,
-        " ".join(torchrun_command(config_json, num_gpus)),
-    )
-    subprocess.run(torchrun_command(config_json, num_gpus), check=True, env=env)
-    return Path(cfg.output_dir)
+    out = Path(cfg.output_dir)
+    with folder_lock(out, LOCK_WHAT):
+        config_json = out / "launch-config.json"
+        atomic_write_text(config_json, json.dumps(cfg.to_dict(), indent=2))
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            LOCK_HELD_ENV: str(out.resolve()),
+        }
+        command = torchrun_command(config_json, num_gpus)
+        log.info("starting DDP training on %d GPUs: %s", num_gpus, " ".join(command))
+        parent = os.getpid()
+        subprocess.run(command, check=True, env=env, preexec_fn=lambda: die_with_parent(parent))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

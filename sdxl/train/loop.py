@@ -11,26 +11,37 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sdxl import lora_formats
 from sdxl.data.cache import CachedDataset
+from sdxl.errors import UserError
 from sdxl.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
 from sdxl.schedulers import NoiseSchedule
 from sdxl.train import distributed
-from sdxl.train.caches import prepare_caches
+from sdxl.train.caches import (
+    Caches,
+    changed_settings,
+    plan_caches,
+    prepare_caches,
+    read_scheduler_config,
+    resolve_model_dir,
+)
 from sdxl.train.checkpoint import (
     FINAL,
     Position,
-    latest_checkpoint,
     load_checkpoint,
+    load_newest_checkpoint,
     position_dict,
+    remove_checkpoints,
     restore_rng,
     rng_state,
     save_checkpoint,
     step_checkpoint_path,
 )
-from sdxl.train.config import TrainConfig
+from sdxl.train.config import TrainConfig, for_model
 from sdxl.train.data_order import epoch_batches, rank_slice, step_generator
 from sdxl.train.ema import LoRAEMA
+from sdxl.train.export import RunFacts, optimizer_name, write_lora_files
+from sdxl.train.hooks import pause_point
+from sdxl.train.launch import output_lock
 from sdxl.train.loss import draw_step_noise, per_sample_loss
 from sdxl.train.metrics import MetricsLog
 from sdxl.train.optim import lr_at, make_optimizer, set_lr
@@ -46,22 +57,24 @@ class StopTraining(Exception):
 class Trainer:
     """Holds the state of one run; `run()` trains to the end (or resumes and finishes)."""
 
-    def __init__(self, cfg: TrainConfig, stop_after: int | None = None):
-        self.cfg, self.stop_after = cfg, stop_after
-        self.dist = distributed.setup(cfg.device)
+    def __init__(self, cfg: TrainConfig, caches: Caches, dist: distributed.DistInfo,
+                 stop_after: int | None = None):  # fmt: skip
+        self.cfg, self.caches, self.dist, self.stop_after = cfg, caches, dist, stop_after
         self.out = Path(cfg.output_dir)
         self.dtype = to_dtype(cfg.precision)
-        if self.dist.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        self.model_dir, latent_dir, text_dir = prepare_caches(cfg, self.dist)
-        self.data = CachedDataset(latent_dir, text_dir)
+        self.model_dir = caches.model_dir
+        self.data = CachedDataset(caches.latent_dir, caches.text_dir)
         self.samples, self.partner = training_samples(self.data, cfg.random_flip)
+        self.batches_cache: tuple[int, list[list[int]]] | None = None
+        if self.total_steps() == 0:
+            raise UserError(
+                f"{caches.latent_dir}: no training samples, so no optimizer step would run; "
+                "rebuild the cache from a folder with usable image+caption pairs"
+            )
+        if self.dist.is_main:
+            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self._build_model()
         self.position = Position()
-        self.batches_cache: tuple[int, list[list[int]]] | None = None
         self._resume()
 
     def _build_model(self) -> None:
@@ -93,8 +106,8 @@ class Trainer:
         if self.batches_cache is None or self.batches_cache[0] != epoch:
             keep = set(self.samples)
             buckets = {b: [i for i in idx if i in keep] for b, idx in self.data.buckets().items()}
-            batches = epoch_batches(buckets, epoch, self.cfg.seed, self.cfg.batch_size,
-                                    min_batch=self.dist.world)  # fmt: skip
+            global_batch = self.cfg.batch_size * self.dist.world  # --batch_size is per GPU
+            batches = epoch_batches(buckets, epoch, self.cfg.seed, global_batch)
             self.batches_cache = (epoch, batches)
         return self.batches_cache[1]
 
@@ -116,19 +129,32 @@ class Trainer:
             "rng": rng_state(),
             "position": position_dict(self.position),
             "config": self.cfg.to_dict(),
+            "data": self.caches.data_key,
         }
 
     def _resume(self) -> None:
-        source = self.cfg.resume_from
-        if source in (None, "none", ""):
+        """Continue from the checkpoint --resume_from names (auto: the newest readable one).
+
+        A checkpoint of other data (edited dataset, other cache settings or model files) is
+        not resumed: with 'auto' the run starts over (warned, old checkpoints removed), an
+        explicit path is refused. Other learning settings are always refused.
+        """
+        source = resume_source(self.cfg)
+        if source is None:
             return
-        path = latest_checkpoint(self.out) if source == "auto" else Path(source)
-        if path is None:
+        if source == "auto":
+            found = load_newest_checkpoint(self.out)
+        else:
+            found = source, load_checkpoint(source)
+        if found is None:
             return
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume_from {path}: no such checkpoint")
-        state = load_checkpoint(path)
-        check_resumable(state.get("config", {}), self.cfg, path)
+        path, state = found
+        if state.get("data") != self.caches.data_key:
+            self._other_data(path, state.get("data"), explicit=source != "auto")
+            return
+        check_resumable(
+            state["config"], self.cfg, path, ignore=set(self.caches.data_key["settings"])
+        )
         from sdxl.lora import load_lora_state_dict
 
         load_lora_state_dict(self.unet, state["lora"])
@@ -140,6 +166,22 @@ class Trainer:
         self.position = Position(**state["position"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.position.step)
+
+    def _other_data(self, path: Path, saved: dict | None, explicit: bool) -> None:
+        """Start over (or refuse an explicit --resume_from) when `path` was trained on other data."""
+        saved = saved if isinstance(saved, dict) else {}
+        what = changed_settings(saved.get("settings", {}), self.caches.data_key["settings"])
+        what = "; ".join(what) or "the dataset or model files changed"
+        if explicit:
+            raise UserError(
+                f"--resume_from {path} was trained on other data ({what}); pass --resume_from "
+                "none to start over, or the --data_dir and settings it was made with"
+            )
+        distributed.barrier()  # every rank has read the checkpoints before rank 0 deletes them
+        if self.dist.is_main:
+            log.warning("%s was trained on other data (%s); starting over, the old "
+                        "checkpoints are removed", path, what)  # fmt: skip
+            remove_checkpoints(self.out)
 
     def save(self, path: Path) -> None:
         if self.dist.is_main:
@@ -171,6 +213,8 @@ class Trainer:
             rnd = draw_step_noise(step_generator(cfg.seed, epoch, batch_index), len(global_batch),
                                   tuple(first["mean"].shape), cfg)  # fmt: skip
             mine = rank_slice(len(global_batch), self.dist.rank, self.dist.world)
+            if mine.start == mine.stop:  # this rank's share of a short batch is empty
+                continue
             batch = self.collate(global_batch[mine], rnd.take(mine))
             per_sample = per_sample_loss(
                 self.unet, batch, rnd.take(mine), self.schedule, cfg, self.dtype
@@ -179,11 +223,12 @@ class Trainer:
             self.scaler.scale(loss).backward()
             losses.append(per_sample.detach())
             keys += batch["keys"]
+        pause_point(f"step-{self.position.step + 1}")
         distributed.all_reduce_grads(self.params)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        per_sample = torch.cat(losses)
+        per_sample = torch.cat(losses) if losses else torch.zeros(0, device=self.dist.device)
         skipped = not bool(torch.isfinite(grad_norm))  # one host sync per optimizer step
         if skipped and self.dtype != torch.float16:
             bad = [
@@ -200,17 +245,38 @@ class Trainer:
         return {"loss": distributed.global_mean(per_sample), "grad_norm": grad_norm, "skipped": skipped,
                 "images": sum(len(b) for _, b in group)}  # fmt: skip
 
+    def guarded_step(self, group: list[tuple[int, list[int]]], epoch: int) -> dict:
+        """optimizer_step, with running out of GPU memory turned into what to change."""
+        try:
+            return self.optimizer_step(group, epoch)
+        except torch.OutOfMemoryError as err:
+            width, height = self.data.samples[group[0][1][0]]["bucket"]
+            raise UserError(
+                f"out of GPU memory in step {self.position.step + 1} at bucket {width}x{height} "
+                f"with --batch_size {self.cfg.batch_size} per GPU; use --gradient_checkpointing, "
+                "a smaller --batch_size, or a smaller --image_size"
+            ) from err
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> Path:
-        cfg, total = self.cfg, self.total_steps()
+        """Train from the resumed position to the end, then write the LoRA files."""
+        cfg = self.cfg
         metrics = validator = None
         if self.dist.is_main:
             metrics = MetricsLog(self.out / "metrics.csv", self.position.step, cfg.wandb_project,
                                  cfg.wandb_run_name, cfg.to_dict())  # fmt: skip
             validator = self._validator()
-        bar = tqdm(total=total, initial=self.position.step, desc="train", unit="step",
-                   disable=not self.dist.is_main)  # fmt: skip
+        # A with-block closes the bar on errors too, so an error message starts its own line.
+        with tqdm(total=self.total_steps(), initial=self.position.step, desc="train",
+                  unit="step", disable=not self.dist.is_main) as bar:  # fmt: skip
+            self._epochs(metrics, validator, bar)
+        self._finish(metrics)
+        return self.out
+
+    def _epochs(self, metrics: MetricsLog | None, validator, bar) -> None:
+        """The epoch and step loop: log, validate, checkpoint as configured."""
+        cfg, total = self.cfg, self.total_steps()
         window, t0 = [], time.perf_counter()
         while self.position.step < total and self.position.epoch < cfg.num_epochs:
             epoch = self.position.epoch
@@ -218,7 +284,7 @@ class Trainer:
             accum = cfg.gradient_accumulation_steps
             groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
             for group in groups[self.position.step_in_epoch :]:
-                out = self.optimizer_step(group, epoch)
+                out = self.guarded_step(group, epoch)
                 self.position.step += 1
                 self.position.step_in_epoch += 1
                 window.append(out)
@@ -240,9 +306,6 @@ class Trainer:
                 self.position.step_in_epoch = 0
                 if self.position.epoch % cfg.save_interval == 0:
                     self.save(step_checkpoint_path(self.out, self.position.step))
-        bar.close()
-        self._finish(metrics)
-        return self.out
 
     def _validator(self):
         cfg = self.cfg
@@ -264,7 +327,7 @@ class Trainer:
             "loss": round(loss, 6),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": round(float(window[-1]["grad_norm"]), 6),
-            "images_per_s": round(sum(w["images"] for w in window) * self.dist.world / max(seconds, 1e-9), 3),
+            "images_per_s": round(sum(w["images"] for w in window) / max(seconds, 1e-9), 3),  # global
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if self.dist.device.type == "cuda" else "",
             "skipped": sum(w["skipped"] for w in window),
@@ -279,13 +342,10 @@ class Trainer:
         if self.dist.is_main:
             if self.ema:
                 self.ema.swap()
-            state = lora_state_dict(self.unet)
-            layout = lora_formats.UNetLayout.from_module_names(
-                [n for n, _ in self.unet.named_modules()]
-            )
-            meta = {"ss_training_steps": str(self.position.step), "ss_seed": str(self.cfg.seed)}
-            lora_formats.save_seed_pt(self.out / "lora_final.pt", state, step=self.position.step)
-            lora_formats.save_kohya(self.out / "lora_final.safetensors", state, meta, layout=layout)
+            facts = RunFacts(steps=self.position.step, max_steps=self.total_steps(),
+                             epochs=self.position.epoch, num_images=len(self.samples),
+                             batches_per_epoch=len(self.epoch_batches(0)), world=self.dist.world)  # fmt: skip
+            write_lora_files(self.out, self.unet, self.cfg, facts, optimizer_name(self.optimizer))
             if self.ema:
                 self.ema.swap()
             metrics.close()
@@ -299,13 +359,19 @@ RESUME_SAFE = {"output_dir", "resume_from", "device", "log_interval", "wandb_pro
                "num_epochs", "max_steps", "data_dir", "cache_batch_size"}  # fmt: skip
 
 
-def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    """Refuse to continue a checkpoint made with other training settings."""
+def check_resumable(
+    saved: dict, cfg: TrainConfig, path: Path, ignore: set[str] = frozenset()
+) -> None:
+    """Refuse to continue a checkpoint made with other training settings.
+
+    `ignore`: settings already compared as part of the data key (a change there starts over).
+    """
     saved, current = (json.loads(json.dumps(c)) for c in (saved, cfg.to_dict()))  # tuples -> lists
-    changed = sorted(k for k in current if k not in RESUME_SAFE and saved.get(k) != current[k])
+    safe = RESUME_SAFE | ignore
+    changed = sorted(k for k in current if k not in safe and saved.get(k) != current[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(
+        raise UserError(
             f"{path} was made with other settings ({diff}); use another --output_dir, or "
             "--resume_from none to start over in this one"
         )
@@ -324,9 +390,38 @@ def training_samples(data: CachedDataset, random_flip: bool) -> tuple[list[int],
     return samples, partner
 
 
+def resume_source(cfg: TrainConfig) -> Path | str | None:
+    """'auto', the checkpoint path --resume_from names, or None; a missing path is refused."""
+    source = cfg.resume_from
+    if source in (None, "none", ""):
+        return None
+    if source == "auto":
+        return "auto"
+    if not Path(source).is_file():
+        raise UserError(
+            f"--resume_from {source}: no such checkpoint; pass a checkpoint-step*.pt or "
+            "checkpoint_final.pt, 'auto' (the newest in --output_dir) or 'none'"
+        )
+    return Path(source)
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
-    """Train a LoRA as `cfg` says; returns the output folder."""
+    """Train a LoRA as `cfg` says; returns the output folder.
+
+    Everything that can be checked without writing is checked first (model folder, settings
+    against the model, --resume_from, the dataset), so bad input leaves output_dir untouched;
+    then rank 0 holds the output folder's lock for the rest of the run.
+    """
+    dist = distributed.setup(cfg.device)
     try:
-        return Trainer(cfg, stop_after).run()
+        if dist.device.type == "cpu" and cfg.precision == "fp16":
+            raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        model_dir = resolve_model_dir(cfg.pretrained_model)
+        cfg = for_model(cfg, *read_scheduler_config(model_dir))
+        resume_source(cfg)
+        build = plan_caches(cfg, model_dir, dist)
+        with output_lock(cfg.output_dir, dist):
+            caches = prepare_caches(cfg, model_dir, build, dist)
+            return Trainer(cfg, caches, dist, stop_after).run()
     finally:
         distributed.teardown()

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from sdxl.errors import UserError
 from sdxl.train.config import TrainConfig
 
 
@@ -25,7 +26,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RuntimeError(
+            raise UserError(
                 "--8_bit_adam needs bitsandbytes: install it with `uv pip install bitsandbytes` "
                 "(CUDA only), or drop the flag to use AdamW"
             ) from None

@@ -1,0 +1,79 @@
+"""Config checks of the Snakemake workflow that end in one line naming the file, line or key.
+
+Snakemake's own messages lack exactly that: a broken config.yaml gives "Config file is not
+valid JSON or YAML" (no file, no line) and an unknown key dumps the whole section and the
+schema (~180 lines). The Snakefile calls these before snakemake's own loading and
+validation, so those only ever see a config that passes. Imports only yaml and jsonschema
+(snakemake's own dependencies): the workflow is parsed by snakemake's Python, maybe without
+torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import yaml
+
+from sdxl.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or value the workflow cannot use."""
+
+
+def check_yaml_file(path: str | os.PathLike) -> dict:
+    """Parse a YAML config file; ConfigError naming `path:line:column` if it is not valid.
+
+    A missing file gives {}: whether it must exist is for snakemake's `configfile:` to say.
+    """
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.MarkedYAMLError as err:
+        mark, start = err.problem_mark or err.context_mark, err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(p for p in (err.context, err.problem) if p)
+        if start is not None and mark is not None and start.line != mark.line:
+            problem += f", opened at line {start.line + 1}"  # e.g. a [ never closed
+        raise ConfigError(
+            f"{where}: not valid YAML ({problem}); indent with spaces, not tabs, and quote "
+            "values that hold ': ', '#' or start with a special character"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys (`run: ...`, `train: ...`)")
+    return data or {}
+
+
+def check_config(config: dict, schema_path: str | os.PathLike) -> None:
+    """ConfigError naming the first key that is unknown or has a bad value, in one line."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    with open(schema_path, encoding="utf-8") as f:
+        schema = yaml.safe_load(f)
+    error = best_match(Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        raise ConfigError(_describe(error))
+
+
+def _describe(error) -> str:
+    """One line for a jsonschema error: the dotted key, what is wrong, the fix if known."""
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        unknown = sorted(set(error.instance) - set(known))
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        return f"config key {key!r} is unknown; {hint} (see config.yaml for every key)"
+    if error.validator == "pattern" and "description" in error.schema:
+        # The regex says little to a reader; the description says what is allowed.
+        return f"config key {where!r}: {error.instance!r} is not allowed: {error.schema['description']}"
+    return f"config key {where or '(top level)'!r}: {error.message}"
