@@ -86,6 +86,26 @@ def _proc_stat(pid: int) -> tuple[int, str] | None:
     return int(fields[1]), fields[19]
 
 
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie waiting for its parent to reap it counts as gone)."""
+    return _proc_stat(pid) is not None
+
+
+def child_pids(pid: int) -> set[int]:
+    """Every live process below `pid`, children of children too (from /proc's parent pids)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = stat[0]
+    found, todo = set(), [pid]
+    while todo:
+        pid = todo.pop()
+        kids = {p for p, parent in parents.items() if parent == pid} - found
+        found |= kids
+        todo += kids
+    return found
+
+
 def _is_snakemake(pid: int) -> bool:
     """Whether the process runs snakemake itself (`snakemake ...`, `python [-m] snakemake ...`).
 

@@ -8,6 +8,7 @@ pause hook in sdxl.train.hooks), kill it and rerun: the LoRA equals the uninterr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 from sdxl.cli.train import main
 from sdxl.errors import UserError
+from sdxl.procs import child_pids, is_alive
 from sdxl.train.hooks import PAUSE_AT, PAUSE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,34 +296,6 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(
     _assert_same_lora(reference, out)
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc: parent pids), children of children too."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X"):
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        kids = [p for p, pp in parents.items() if pp == parent and p not in found]
-        found.update(kids)
-        todo += kids
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_kill_9_of_a_ddp_launch_kills_torchrun_and_every_rank(tiny_dir, shapes, tmp_path):
     """The pipeline's multi-GPU path (run_training -> torchrun -> ranks): killing the launcher
     mid-step leaves no process writing on, and a rerun takes the folder and completes."""
@@ -333,20 +307,27 @@ def test_kill_9_of_a_ddp_launch_kills_torchrun_and_every_rank(tiny_dir, shapes, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_AT: "step-1", PAUSE_FILE: str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", launch, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the ranks never reached step 1"
-        time.sleep(0.1)
-    tree = _descendants(proc.pid)
-    assert len(tree) >= 3, tree  # torchrun and its two ranks
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    deadline = time.monotonic() + 15
-    while any(_alive(p) for p in tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in tree if _alive(p)], "processes of the killed launch live on"
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the ranks never reached step 1"
+            time.sleep(0.1)
+        tree = child_pids(proc.pid)
+        assert len(tree) >= 3, tree  # torchrun and its two ranks
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(is_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in tree if is_alive(p)], "processes of the killed launch live on"
+    finally:  # a failed assertion must not leave paused trainers behind
+        for pid in tree | child_pids(proc.pid) | {proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
     assert main(args) == 0
 
 

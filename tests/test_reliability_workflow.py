@@ -31,6 +31,8 @@ from test_workflow import (
     copy_workflow,
 )
 
+from sdxl.procs import is_alive
+
 # The hostile markup of add_hostile_inputs (each field has its own alert number).
 MARKUP = re.compile(r"<img src=x onerror=alert\(\d\)>")
 
@@ -157,15 +159,6 @@ def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_second_run_in_one_folder_refuses_and_the_first_completes(tiny_workflow):
     first = _start(tiny_workflow)
     _wait_for((tiny_workflow / "heartbeat").exists, "the first run's job")
@@ -183,7 +176,7 @@ def test_kill_9_of_snakemake_ends_its_job_and_the_rerun_completes(tiny_workflow)
     job = int((tiny_workflow / "heartbeat").read_text())
     run.send_signal(signal.SIGKILL)
     run.wait()
-    _wait_for(lambda: not _alive(job), "the orphaned job to end", timeout=20)
+    _wait_for(lambda: not is_alive(job), "the orphaned job to end", timeout=20)
     assert "is gone; stopping the job" in (tiny_workflow / "logs/job.log").read_text()
     # Snakemake's own lock outlives a kill -9: --unlock once, then the rerun completes.
     assert _cli(tiny_workflow, "--unlock").returncode == 0
