@@ -1,9 +1,14 @@
 """Text-to-image speed and peak memory of sdxl's pipeline, optionally next to diffusers' on the same weights.
 
 One call = text encoding + CFG denoising loop + VAE decode + PIL conversion, timed end to end
-after warm-up; s/image = seconds per call / batch. `--compare diffusers` loads
-StableDiffusionXLPipeline (EulerDiscreteScheduler for euler) from the same folder in the same run.
-`--compile both` times each pipeline with its UNet eager and under torch.compile.
+after warm-up: the path generate_images.py runs. latency = seconds per call; s/image = latency /
+batch. compile = first call minus a timed call (torch.compile, and on CUDA the CUDA-graph capture).
+`--compare diffusers` loads StableDiffusionXLPipeline (EulerDiscreteScheduler for euler) from the
+same folder in the same run. `--compile both` times each pipeline eager and compiled: ours through
+its fast path (guided UNet + VAE decode compiled, each denoise step one CUDA graph on CUDA),
+diffusers with its UNet under torch.compile. `--write-check` also times our calls with every image
+PNG-encoded and written by the background writer generate_images.py uses: "PNG wait" is how much
+longer those calls take, i.e. how long generation waited for PNG encoding.
 
 --model: a diffusers SDXL folder; `builtin:tiny` (default, the tiny test model); or `sdxl-random`:
 full-size SDXL base architecture with random weights, written once (in --dtype) to --model-dir.
@@ -35,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench_unet import PeakMemory, pick_device  # noqa: E402
 
 from sdxl import load_pipeline  # noqa: E402
+from sdxl.generate.run import WRITE_THREADS  # noqa: E402
+from sdxl.generate.writers import BackgroundWriter, write_item  # noqa: E402
 from sdxl.models.configs import SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
+from sdxl.pipeline import FastPath  # noqa: E402
 from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl, write_random_sdxl  # noqa: E402
 from sdxl.utils import to_dtype  # noqa: E402
 
@@ -68,7 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const="on",
         choices=list(COMPILE),
         default="off",
-        help="torch.compile the UNet: off | on | both (--compile alone means on)",
+        help="off | on | both (--compile alone means on): ours compiles the guided UNet and VAE "
+        "decode (+ CUDA graphs on CUDA); diffusers compiles its UNet",
+    )
+    p.add_argument("--channels-last", action="store_true", help="our UNet/VAE in NHWC")
+    p.add_argument(
+        "--write-check", action="store_true", help="also time ours with background PNG writes"
     )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
@@ -109,7 +122,7 @@ def resolve_model(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
 
 class Impl:
-    """One pipeline under test: how to run a batch, its networks, and how to swap its UNet."""
+    """One pipeline under test: how to run a batch, its networks, and how to switch compile."""
 
     def __init__(self, name: str, pipe, run: Callable[[list[str], int], list]):
         self.name, self.pipe, self.run = name, pipe, run
@@ -119,8 +132,11 @@ class Impl:
         )
         self.networks = nn.ModuleList([self.unet, pipe.vae, *encoders])
 
-    def use_compiled(self, compiled: bool) -> None:
-        self.pipe.unet = torch.compile(self.unet, dynamic=False) if compiled else self.unet
+    def use_compiled(self, compiled: bool, channels_last: bool = False) -> None:
+        if self.name == "sdxl":  # the generation fast path, exactly as generate_images.py sets it
+            self.pipe.use_fast_path(FastPath.default(self.pipe.device, compiled, channels_last))
+        else:
+            self.pipe.unet = torch.compile(self.unet, dynamic=False) if compiled else self.unet
 
 
 def load_ours(folder: Path, device: torch.device, dtype: torch.dtype, args) -> Impl:
@@ -199,11 +215,27 @@ def time_calls(call: Callable[[], list], warmup: int, iters: int, device: torch.
     return {"first_s": first, "s": (time.perf_counter() - t0) / iters, "images": images}
 
 
+def time_with_writes(impl: Impl, prompts: list[str], size: int, iters: int, device) -> float:
+    """Seconds per call when every image is PNG-encoded and written in the background, as
+    generate_images.py does (the last writes included): compare with the plain timed call."""
+    with tempfile.TemporaryDirectory() as folder:
+        sync(device)
+        t0 = time.perf_counter()
+        with BackgroundWriter(WRITE_THREADS, max_pending=2 * len(prompts)) as writer:
+            for it in range(iters):
+                for k, image in enumerate(impl.run(prompts, size)):
+                    meta = {"prompt": prompts[k], "index": it * len(prompts) + k}
+                    writer.submit(write_item, Path(folder), f"{it:03d}-{k:03d}", image, meta, False)
+        return (time.perf_counter() - t0) / iters
+
+
 def bench_one(impl: Impl, prompts: list[str], size: int, compiled: bool, device, args) -> dict:
     """Time one pipeline on one (compile, batch); OOM and compile failures become the row's text."""
     try:
         with PeakMemory(device, impl.networks) as mem:
             out = time_calls(lambda: impl.run(prompts, size), args.warmup, args.iters, device)
+        if args.write_check and impl.name == "sdxl":
+            out["write_s"] = time_with_writes(impl, prompts, size, args.iters, device)
         return {**out, "mem": mem.text}
     except torch.OutOfMemoryError:
         return {"s": None, "mem": "OOM"}
@@ -238,7 +270,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for compiled in COMPILE[args.compile]:
         for impl in impls:
-            impl.use_compiled(compiled)
+            impl.use_compiled(compiled, args.channels_last)
         for batch in args.batch:
             row = {"compile": compiled, "batch": batch, "res": size, "steps": args.steps}
             outs = {}
@@ -290,17 +322,27 @@ def header(args, device, dtype, folder: Path, size: int, ours: Impl) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table; ratio is s/image over diffusers' eager s/image at the same batch."""
     lines = [
-        "| impl | compile | batch | res | steps | s/image | images/s | peak mem | ratio vs diffusers eager |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| impl | compile | batch | res | steps | latency s | s/image | images/s | compile s "
+        "| PNG wait | peak mem | ratio vs diffusers eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        per = r["s"] / r["batch"] if r["s"] else None
-        sec, ips = (f"{per:.3f}", f"{1 / per:.2f}") if per else ("-", "-")
+        s = r["s"]
+        per = s / r["batch"] if s else None
+        lat, sec, ips = (f"{s:.3f}", f"{per:.3f}", f"{1 / per:.2f}") if per else ("-",) * 3
+        comp = f"{max(r['first_s'] - s, 0):.1f}" if s and r["compile"] else "-"
+        wait = f"{100 * (r['write_s'] - s) / s:+.0f}%" if s and "write_s" in r else "-"
         lines.append(
             f"| {r['impl']} | {'on' if r['compile'] else 'off'} | {r['batch']} | {r['res']} | "
-            f"{r['steps']} | {sec} | {ips} | {r['mem']} | {r['ratio']} |"
+            f"{r['steps']} | {lat} | {sec} | {ips} | {comp} | {wait} | {r['mem']} | {r['ratio']} |"
         )
     return "\n".join(lines)
+
+
+def run_cli(argv: list[str]) -> list[dict]:
+    """Rows for a command line, for benchmarks/gpu_suite.py (keys: impl, compile, batch, res,
+    steps, s (latency), first_s, write_s (with --write-check), mem, ratio, images)."""
+    return run(parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,11 @@
 """Speed and peak memory of one LoRA training step: sdxl's, and diffusers+peft's on the same inputs.
 
-A step is what the training loop does per optimizer update: loss on cached-style inputs (latent
-mean/std, prompt embeds, pooled, time ids) via `sdxl.train.loss.per_sample_loss`, backward,
-gradient clipping, AdamW. Both UNets hold the same random weights (diffusers' init, copied into
+A step is exactly what the training loop runs per optimizer update, `sdxl.train.step.train_step`
+on staged cached-style inputs (latent mean/std and their flipped variants, prompt embeds,
+pooled, time ids, device-drawn noise): forward, backward into preallocated gradients,
+all-reduce, clipping, the on-device finiteness flag, fused AdamW, for both implementations
+(diffusers' UNet behind our calling convention). With --compile the first step's time (compile
+included) is reported apart from the steady-state ms/step. Both UNets hold the same random weights (diffusers' init, copied into
 ours) and the same initial LoRA; the base is cast to --dtype and the LoRA factors stay fp32
 (ours: injected after the cast; diffusers: `cast_training_params`, as its LoRA SDXL script does).
 Prints the LoRA parameter counts (equal) and a markdown table for BENCHMARKS.md.
@@ -18,7 +21,8 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from collections.abc import Callable
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,8 +36,11 @@ from sdxl.lora import LoRAConfig, inject_lora, lora_modules, lora_parameters  # 
 from sdxl.models.configs import SCHEDULER  # noqa: E402
 from sdxl.schedulers import NoiseSchedule  # noqa: E402
 from sdxl.train.config import TrainConfig, for_model  # noqa: E402
+from sdxl.train.data_order import step_generator  # noqa: E402
+from sdxl.train.distributed import DistInfo  # noqa: E402
 from sdxl.train.loss import draw_step_noise, per_sample_loss  # noqa: E402
 from sdxl.train.optim import make_optimizer  # noqa: E402
+from sdxl.train.step import TrainStep, train_step  # noqa: E402
 from sdxl.utils import to_dtype  # noqa: E402
 
 PEFT_TARGETS = {
@@ -62,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const="on",
         choices=["off", "on"],
         default="off",
-        help="torch.compile each UNet (--compile alone means on)",
+        help="compile the training step (train.compile; --compile alone means on)",
     )
+    p.add_argument("--cuda-graphs", choices=["off", "on"], default="off",
+                   help="replay the step as one CUDA graph (train.cuda_graphs)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compare", choices=["none", "diffusers"], default="none")
@@ -117,47 +126,45 @@ def copy_peft_init(ours: nn.Module, ref: nn.Module) -> None:
             m.lora_up.weight.copy_(sd[f"{name}.lora_B.default.weight"])
 
 
-def make_batch(cfg: dict, batch: int, res: int, device: torch.device, seed: int) -> dict:
-    """Random stand-ins for one collated batch of the latent and text caches (fp32, on device)."""
+def make_rows(cfg: dict, batch: int, res: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random stand-ins for one rank's host rows, as `sdxl.train.batches.read_rows` returns them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     latent = (batch, cfg["in_channels"], res // 8, res // 8)
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    x = {
+    ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(batch, 1)
+    rows = {
         "mean": torch.randn(latent, generator=g),
         "std": torch.rand(latent, generator=g) * 0.1,
         "prompt_embeds": torch.randn(batch, TOKENS, cfg["cross_attention_dim"], generator=g),
         "pooled": torch.randn(batch, pooled, generator=g),
-        "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(
-            batch, 1
-        ),
+        "time_ids": ids,
+        "weight": torch.full((batch,), 1.0 / batch),
     }
-    x["empty_embeds"], x["empty_pooled"] = (
-        torch.zeros_like(x["prompt_embeds"]),
-        torch.zeros_like(x["pooled"]),
-    )
-    return {k: v.to(device) for k, v in x.items()}
+    rows.update(mean_flip=rows["mean"].flip(-1), std_flip=rows["std"].flip(-1), time_ids_flip=ids)
+    return rows
 
 
-def make_step(model: nn.Module, params: list, x: dict, ctx: dict) -> Callable[[], torch.Tensor]:
-    """One optimizer update as the training loop does it: loss, backward, clip, AdamW."""
-    optimizer = make_optimizer(params, ctx["train_cfg"])
-    rnd = draw_step_noise(
-        torch.Generator().manual_seed(0),
-        x["mean"].shape[0],
-        tuple(x["mean"].shape[1:]),
-        ctx["train_cfg"],
-    )
+def make_step(model: nn.Module, params: list, rows: dict, ctx: dict) -> tuple[TrainStep, dict]:
+    """The trainer's TrainStep for `model` and its one staged micro-batch (static, like a bucket)."""
+    cfg, device = replace(ctx["train_cfg"], batch_size=rows["mean"].shape[0]), ctx["device"]
+    empty = (torch.zeros_like(rows["prompt_embeds"][0]), torch.zeros_like(rows["pooled"][0]))
+    step = TrainStep(model, params, make_optimizer(params, cfg), ctx["schedule"], cfg,
+                     DistInfo(0, 1, device), per_sample_loss, tuple(e.to(device) for e in empty))  # fmt: skip
+    rnd = draw_step_noise(step_generator(0, 0, 0, device), rows["mean"].shape[0],
+                          tuple(rows["mean"].shape[1:]), cfg)  # fmt: skip
+    return step, step.stage(rows, rnd)
 
-    def step() -> torch.Tensor:
-        per_sample = per_sample_loss(model, x, rnd, ctx["schedule"], ctx["train_cfg"], ctx["dtype"])
-        loss = per_sample.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
 
-    return step
+def time_train_step(step: TrainStep, micro: dict, warmup: int, iters: int,
+                    device: torch.device) -> dict:  # fmt: skip
+    """first_step_s (compile and capture included), then mean ms per `train_step` after warmup."""
+    t0 = time.perf_counter()
+    train_step(step, [micro])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - t0
+    ms = time_ms(lambda: train_step(step, [micro]), max(warmup - 1, 0), iters, device)
+    return {"first_step_s": first, "ms": ms}
 
 
 def set_checkpointing(impl: str, model: nn.Module, enabled: bool) -> None:
@@ -169,61 +176,40 @@ def set_checkpointing(impl: str, model: nn.Module, enabled: bool) -> None:
         model.disable_gradient_checkpointing()
 
 
-def callables(models: dict, compile_: bool) -> dict[str, nn.Module]:
-    """What the loss calls for each impl: the UNet (diffusers' behind an adapter), maybe compiled."""
-    out = {}
-    for impl, model in models.items():
+def callables(models: dict) -> dict[str, nn.Module]:
+    """What the loss calls for each impl: our UNet, or diffusers' behind the adapter."""
+    for model in models.values():
         model.train()
-        fn = torch.compile(model) if compile_ else model
-        out[impl] = DiffusersCall(fn) if impl == "diffusers" else fn
-    return out
+    return {impl: DiffusersCall(m) if impl == "diffusers" else m for impl, m in models.items()}
 
 
-def check_parity(calls: dict, params: dict, x: dict, ctx: dict) -> str:
-    """Relative difference of the first loss and of the LoRA gradient norm, ours vs diffusers."""
-    loss, gnorm = {}, {}
-    rnd = draw_step_noise(
-        torch.Generator().manual_seed(0),
-        x["mean"].shape[0],
-        tuple(x["mean"].shape[1:]),
-        ctx["train_cfg"],
-    )
-    for impl in ("sdxl", "diffusers"):
-        per_sample = per_sample_loss(
-            calls[impl], x, rnd, ctx["schedule"], ctx["train_cfg"], ctx["dtype"]
-        )
-        per_sample.mean().backward()
-        loss[impl] = per_sample.mean().item()
-        gnorm[impl] = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in params[impl]])
-        ).item()
-        for p in params[impl]:
-            p.grad = None
+def check_parity(steps: dict) -> str:
+    """Relative difference of the first step's loss and LoRA gradient norm, ours vs diffusers."""
+    out = {impl: train_step(step, [micro]) for impl, (step, micro) in steps.items()}
+    loss = {impl: r.losses.sum().item() for impl, r in out.items()}
+    gnorm = {impl: r.grad_norm.item() for impl, r in out.items()}
     rel = abs(loss["sdxl"] - loss["diffusers"]) / abs(loss["diffusers"])
     grel = abs(gnorm["sdxl"] - gnorm["diffusers"]) / max(gnorm["diffusers"], 1e-30)
     return f"first loss rel diff {rel:.2e}, LoRA grad-norm rel diff {grel:.2e}"
 
 
-def bench_one(
-    impl: str, call: nn.Module, model: nn.Module, params: list, x: dict, ctx: dict, args
-) -> dict:
+def bench_one(impl: str, step: TrainStep, micro: dict, model: nn.Module, args) -> dict:
     """Time one impl on one (res, batch, ckpt); failures (OOM, compile) become the row's text."""
-    device = ctx["device"]
+    device = step.device
     try:
         with PeakMemory(device, model) as mem:
-            ms = time_ms(make_step(call, params, x, ctx), args.warmup, args.iters, device)
-        return {"ms": ms, "mem": mem.text}
+            out = time_train_step(step, micro, args.warmup, args.iters, device)
+        reserved = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+        return {**out, "mem": mem.text, "reserved": f"{reserved:,.0f} MiB" if reserved else "-"}
     except torch.OutOfMemoryError:
-        return {"ms": None, "mem": "OOM"}
+        return {"ms": None, "first_step_s": None, "mem": "OOM", "reserved": "-"}
     except Exception as e:  # inductor needs a working C/C++ toolchain; say why and go on
         if args.compile == "off":
             raise
         first = (str(e).strip().splitlines() or [""])[0][:120]
         print(f"{impl}: torch.compile failed: {type(e).__name__}: {first}")
-        return {"ms": None, "mem": "compile failed"}
+        return {"ms": None, "first_step_s": None, "mem": "compile failed", "reserved": "-"}
     finally:
-        for p in params:
-            p.grad = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -239,29 +225,29 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(header(args, device, dtype, models["sdxl"], counts))
     if len(set(counts.values())) != 1:
         raise SystemExit(f"LoRA parameter counts differ: {counts}")
+    precision = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+    precision = {"float32": "fp32", "float16": "fp16"}.get(precision, precision)
+    train_cfg = TrainConfig(data_dir="-", lora_rank=args.rank, precision=precision,
+                            compile=args.compile == "on", cuda_graphs=args.cuda_graphs == "on")  # fmt: skip
     ctx = {
         "device": device,
-        "dtype": dtype,
         "schedule": NoiseSchedule.from_config(SCHEDULER).to(device),
-        "train_cfg": for_model(
-            TrainConfig(data_dir="-", lora_rank=args.rank, precision="fp32"),
-            SCHEDULER,
-            "the SDXL base scheduler",
-        ),
+        "train_cfg": for_model(train_cfg, SCHEDULER, "the SDXL base scheduler"),
     }
-    calls = callables(models, args.compile == "on")
+    calls = callables(models)
     rows = []
     for res in args.resolution or [8 * cfg.get("sample_size", 128)]:
         for batch in args.batch:
-            x = make_batch(cfg, batch, res, device, args.seed)
+            host = make_rows(cfg, batch, res, args.seed)
             if "diffusers" in models and args.compile == "off":
-                print(f"res {res}, batch {batch}: {check_parity(calls, params, x, ctx)}")
+                steps = {impl: make_step(calls[impl], params[impl], host, ctx) for impl in models}
+                print(f"res {res}, batch {batch}: {check_parity(steps)}")
             for ckpt in CKPT[args.grad_checkpointing]:
                 row = {"res": res, "batch": batch, "ckpt": ckpt, "dtype": dtype}
                 for impl, model in models.items():
                     set_checkpointing(impl, model, ckpt)
-                    out = bench_one(impl, calls[impl], model, params[impl], x, ctx, args)
-                    rows.append({**row, "impl": impl, **out})
+                    step, micro = make_step(calls[impl], params[impl], host, ctx)
+                    rows.append({**row, "impl": impl, **bench_one(impl, step, micro, model, args)})
     return add_ratios(rows)
 
 
@@ -285,6 +271,7 @@ def header(args, device: torch.device, dtype: torch.dtype, model: nn.Module, cou
         f"threads {torch.get_num_threads()}\n"
         f"config: {args.config} ({base:,} base params, {dtype}), LoRA rank {args.rank} "
         f"target {args.target} (fp32 params: {lora}), compile {args.compile}, "
+        f"cuda graphs {args.cuda_graphs}, "
         f"warmup {args.warmup}, iters {args.iters}"
     )
 
@@ -292,16 +279,18 @@ def header(args, device: torch.device, dtype: torch.dtype, model: nn.Module, cou
 def table(rows: list[dict]) -> str:
     """Markdown table; ratio is our ms/step divided by diffusers' (below 1 = we are faster)."""
     lines = [
-        "| impl | res | batch | ckpt | dtype | ms/step | images/s | peak mem | ratio vs diffusers |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|",
+        "| impl | res | batch | ckpt | dtype | ms/step | images/s | peak alloc | peak reserved "
+        "| first step s | ratio vs diffusers |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         dtype = str(r["dtype"]).removeprefix("torch.")
         ms = f"{r['ms']:.1f}" if r["ms"] else "-"
         ips = f"{r['batch'] * 1000 / r['ms']:.2f}" if r["ms"] else "-"
+        first = f"{r['first_step_s']:.2f}" if r["first_step_s"] else "-"
         lines.append(
             f"| {r['impl']} | {r['res']} | {r['batch']} | {'on' if r['ckpt'] else 'off'} | "
-            f"{dtype} | {ms} | {ips} | {r['mem']} | {r['ratio']} |"
+            f"{dtype} | {ms} | {ips} | {r['mem']} | {r['reserved']} | {first} | {r['ratio']} |"
         )
     return "\n".join(lines)
 

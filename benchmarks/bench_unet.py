@@ -4,7 +4,7 @@ Weights are random (diffusers' init, copied into ours); inputs are random latent
 context, pooled text and SDXL size ids. Prints a markdown table for BENCHMARKS.md.
 
     python benchmarks/bench_unet.py --config sdxl --resolution 1024 --batch 1 4 --dtype bf16 \
-        --mode both --compare diffusers
+        --mode both --compare diffusers --fused-qkv both
     OMP_NUM_THREADS=1 python benchmarks/bench_unet.py --config tiny --resolution 256 --batch 1 2 \
         --dtype fp32 --device cpu --compare diffusers --iters 3
 """
@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
 from sdxl.models.configs import SDXL_BASE, TINY  # noqa: E402
-from sdxl.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from sdxl.models.unet import CHECKPOINTING, UNet2DConditionModel, UNetConfig  # noqa: E402
 from sdxl.utils import to_dtype  # noqa: E402
 
 TOKENS = 77  # CLIP context length
@@ -42,7 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--mode", choices=["forward", "train", "both"], default="forward")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--grad-checkpointing",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=list(CHECKPOINTING),
+        help="train mode: none | full (the flag alone) | selective (ours; diffusers: full)",
+    )
+    p.add_argument(
+        "--fused-qkv",
+        choices=["on", "off", "both"],
+        default="off",
+        help="ours with fused QKV/KV projections (both: time unfused and fused); train mode "
+        "here trains every weight, so fused concatenates per step (LoRA steps: bench_train)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -86,6 +100,21 @@ def build_models(cfg: dict, device: torch.device, dtype: torch.dtype, compare: b
         ours.load_state_dict(ref.state_dict(), strict=True)
         models["diffusers"] = ref
     return models
+
+
+def add_fused(models: dict, cfg: dict, which: str) -> dict:
+    """--fused-qkv: fuse ours in place (on), or add a fused copy as impl "sdxl-fused" (both)."""
+    if which == "off":
+        return models
+    if which == "on":
+        models["sdxl"].fuse_qkv()
+        return models
+    ours = models["sdxl"]
+    with torch.device("meta"):
+        fused = UNet2DConditionModel(UNetConfig.from_dict(cfg))
+    fused.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()}, assign=True)
+    fused.fuse_qkv()
+    return {"sdxl": ours, "sdxl-fused": fused, **{k: v for k, v in models.items() if k != "sdxl"}}
 
 
 def make_inputs(cfg: dict, batch: int, res: int, device, dtype, seed: int) -> dict:
@@ -204,7 +233,7 @@ class PeakMemory:
         return _proc_status_kib("VmRSS")
 
 
-def prepare(models: dict, mode: str, grad_ckpt: bool, compile_: bool) -> dict:
+def prepare(models: dict, mode: str, grad_ckpt: str, compile_: bool) -> dict:
     """Set train/eval and checkpointing for `mode`; wrap in torch.compile when asked."""
     out = {}
     for impl, model in models.items():
@@ -212,7 +241,7 @@ def prepare(models: dict, mode: str, grad_ckpt: bool, compile_: bool) -> dict:
         model.requires_grad_(mode == "train")
         if impl != "diffusers":
             model.set_gradient_checkpointing(grad_ckpt)
-        elif grad_ckpt:
+        elif grad_ckpt != "none":
             model.enable_gradient_checkpointing()
         else:
             model.disable_gradient_checkpointing()
@@ -220,11 +249,11 @@ def prepare(models: dict, mode: str, grad_ckpt: bool, compile_: bool) -> dict:
     return out
 
 
-def max_rel_err(models: dict, x: dict) -> float:
-    """Max |ours - diffusers| / max |diffusers| on one forward (a sanity check of the weights copy)."""
+def max_rel_err(models: dict, x: dict, impl: str, ref: str) -> float:
+    """Max |impl - ref| / max |ref| on one forward (a sanity check of the weights copy / fusion)."""
     with torch.no_grad():
-        a = call("sdxl", models["sdxl"].eval(), x).float()
-        b = call("diffusers", models["diffusers"].eval(), x).float()
+        a = call(impl, models[impl].eval(), x).float()
+        b = call(ref, models[ref].eval(), x).float()
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
@@ -234,14 +263,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     dtype = to_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     res = args.resolution or 8 * cfg.get("sample_size", 128)
     torch.manual_seed(args.seed)
-    models = build_models(cfg, device, dtype, args.compare == "diffusers")
+    models = add_fused(
+        build_models(cfg, device, dtype, args.compare == "diffusers"), cfg, args.fused_qkv
+    )
     print(header(args, device, dtype, res, models["sdxl"]))
     modes = ["forward", "train"] if args.mode == "both" else [args.mode]
     rows = []
     for batch in args.batch:
         x = make_inputs(cfg, batch, res, device, dtype, args.seed)
-        if "diffusers" in models:
-            print(f"batch {batch}: max rel err vs diffusers {max_rel_err(models, x):.2e}")
+        ref = "diffusers" if "diffusers" in models else "sdxl"
+        for impl in (i for i in models if i not in (ref, "diffusers")):
+            print(
+                f"batch {batch}: {impl} max rel err vs {ref} {max_rel_err(models, x, impl, ref):.2e}"
+            )
         for mode in modes:
             rows += bench_mode(
                 models, x, mode, args, device, dict(batch=batch, res=res, dtype=dtype)
@@ -273,7 +307,8 @@ def header(args, device: torch.device, dtype: torch.dtype, res: int, model: nn.M
         f"device: {device.type} ({name or platform.machine()}), torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}\n"
         f"config: {args.config} ({params:,} params), res {res}px (latent {res // 8}), {dtype}, "
-        f"grad checkpointing {args.grad_checkpointing}, compile {args.compile}, "
+        f"grad checkpointing {args.grad_checkpointing}, fused qkv {args.fused_qkv}, "
+        f"compile {args.compile}, "
         f"warmup {args.warmup}, iters {args.iters}"
     )
 

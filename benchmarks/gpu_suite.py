@@ -61,9 +61,10 @@ class Stage:
 STAGES = (
     Stage("unet CFG step, eager, parity", "bench_unet",
           ("--config", "sdxl", "--resolution", "1024", "--batch", "2", "--mode", "forward",
-           "--compare", "diffusers", "--iters", "20"),
+           "--compare", "diffusers", "--fused-qkv", "both", "--iters", "20"),
           ("--config", "tiny", "--resolution", "64", "--batch", "2", "--mode", "forward",
-           "--compare", "diffusers", "--iters", "2", "--device", "cpu"), 60),
+           "--compare", "diffusers", "--fused-qkv", "both", "--iters", "2", "--device", "cpu"),
+          75),
     Stage("train b1 ckpt, eager", "bench_train",
           ("--config", "sdxl", "--resolution", "1024", "--batch", "1", "--rank", "4",
            "--target", "attention_out", "--grad-checkpointing", "on", "--compare", "diffusers"),

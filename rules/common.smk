@@ -41,7 +41,8 @@ CODE = {
     "merge": ["data/cache.py", "utils.py"],
     "text": ["data/cache.py", "data/dataset.py", "text.py", "models/clip.py", "weights.py",
              "convert.py", "utils.py"],  # fmt: skip
-    "train": ["train/__init__.py", "train/launch.py", "train/caches.py", "train/checkpoint.py",
+    "train": ["train/__init__.py", "train/launch.py", "train/batches.py", "train/caches.py",
+              "train/checkpoint.py", "train/step.py",
               "train/config.py", "train/data_order.py", "train/distributed.py", "train/ema.py",
               "train/export.py", "train/loop.py", "train/loss.py", "train/metrics.py",
               "train/optim.py", "train/validation.py", "data/cache.py", "lora.py",

@@ -237,6 +237,40 @@ class LoRAConv2d(_LoRALayer):
 LoRAModule = LoRALinear | LoRAConv2d
 
 
+def stacked_lora_delta(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    """The LoRA terms of Linears that read the same x, concatenated like their outputs.
+
+    For a fused projection GEMM (`Attention.fuse_projections`): one down GEMM over
+    cat(down_q, down_k, down_v) and one up GEMM over the block diagonal of the scaled ups, instead
+    of six small GEMMs. Ranks and alphas may differ per layer; a plain Linear or a merged LoRA
+    gets an empty block. In training with dropout each LoRA draws its own mask, as unfused.
+    None when no layer has an active LoRA. Runs in the factors' dtype (fp32).
+    """
+    active = [isinstance(m, _LoRALayer) and not m.merged for m in layers]
+    if not any(active):
+        return None
+    lora = next(m for m, on in zip(layers, active, strict=True) if on)
+    dtype, lead = lora.lora_down.weight.dtype, x.shape[:-1]
+    if any(
+        on and m.training and isinstance(m.dropout, nn.Dropout)
+        for m, on in zip(layers, active, strict=True)
+    ):
+        parts = [
+            m.lora_forward(x) if on else x.new_zeros(*lead, m.weight.shape[0], dtype=dtype)
+            for m, on in zip(layers, active, strict=True)
+        ]
+        return torch.cat(parts, dim=-1)
+    downs, ups = [], []
+    for m, on in zip(layers, active, strict=True):
+        if on:
+            downs.append(m.lora_down.weight)  # (r, in)
+            ups.append(m.lora_up.weight * (m.alpha * (m.multiplier / m.rank)))  # (out, r)
+        else:
+            ups.append(x.new_zeros(m.weight.shape[0], 0, dtype=dtype))
+    h = F.linear(x.to(dtype), torch.cat(downs))  # (..., sum of r)
+    return F.linear(h, torch.block_diag(*ups))  # (..., sum of out)
+
+
 class _LinearFactor(nn.Linear):
     """nn.Linear without the random init: LoRA factors are initialised explicitly."""
 

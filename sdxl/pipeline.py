@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,28 @@ class SDXLPipeline:
     force_zeros_for_empty_prompt: bool = True
     source: str = ""
     sample_size: int = 128  # the UNet config's latent size: the resolution SDXL was trained at
+    fast: FastPath = field(default_factory=lambda: FastPath())
+    _guided: Callable = field(default=None, init=False, repr=False)  # guided_eps, maybe compiled
+    _decode: Callable | None = field(default=None, init=False, repr=False)  # compiled vae.decode
+    _loops: dict = field(default_factory=dict, init=False, repr=False)  # StaticLoop per shape
+
+    def __post_init__(self) -> None:
+        self.use_fast_path(self.fast)
+
+    def use_fast_path(self, fast: FastPath) -> None:
+        """Compile the guided UNet and the VAE decode, and/or capture the step as a CUDA graph.
+
+        Call after LoRAs are applied (merged weights are then what the kernels read); graphs
+        are recorded lazily, one per (sampler, steps, guidance, latent shape).
+        """
+        if fast.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this pipeline is on {self.device}")
+        if fast.channels_last:  # NHWC convolutions: faster with cuDNN on tensor cores
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self._guided = compiled(guided_eps, fast) if fast.compile else guided_eps
+        self._decode = compiled(self.vae.decode, fast) if fast.compile else None
+        self._loops, self.fast = {}, fast
 
     @property
     def device(self) -> torch.device:
@@ -150,11 +174,23 @@ class SDXLPipeline:
             [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         )
         cond = self._conditioning(prompts, indices, negative_prompt, width, height, guidance_scale)
-        model = guided_model(self.unet, cond, guidance_scale, guidance_rescale)
-        return schedulers.sample(
-            sampler, model, noise.to(device), num_inference_steps, self.scheduler_config,
-            generators=generators, progress=progress,
-        )  # fmt: skip
+        noise = noise.to(device)
+        plan = schedulers.plan(sampler, noise, num_inference_steps, self.scheduler_config,
+                               generators)  # fmt: skip
+        make_model = partial(self._model, guidance_scale=guidance_scale,
+                             guidance_rescale=guidance_rescale)  # fmt: skip
+        if not self.fast.cuda_graphs:
+            state = schedulers.start(plan, make_model(cond), noise)
+            return schedulers.run_steps(state, plan.num_steps, progress=progress)
+        key = (sampler, num_inference_steps, guidance_scale, guidance_rescale, tuple(noise.shape))
+        if key not in self._loops:
+            capture = self.device.type == "cuda"  # False only when tests run the loop on CPU
+            self._loops[key] = StaticLoop(plan, noise, cond, make_model, capture)
+        return self._loops[key].run(plan, noise, cond, progress)
+
+    def _model(self, cond: dict, guidance_scale: float, guidance_rescale: float):
+        """The sampler's guided model over `cond`, through the (maybe compiled) guided UNet."""
+        return guided_model(self.unet, cond, guidance_scale, guidance_rescale, self._guided)
 
     def _conditioning(
         self, prompts: list[str], indices: list[int], negative: str, width: int, height: int,
@@ -178,15 +214,108 @@ class SDXLPipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents to images in [0, 1]."""
-        return decode_latents(self.vae, latents)
+        return decode_latents(self.vae, latents, self._decode)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How the denoising loop and the VAE decode run: these choose kernels, never the maths.
+
+    In fp32 on the CPU they leave images unchanged (see tests/test_denoise_step.py); on a GPU
+    in bf16 they may move the last bit of some pixels, as a different batch size does, so they
+    are not part of an image's recorded parameters.
+    """
+
+    compile: bool = False  # torch.compile the guided UNet and the VAE decode (fullgraph, static)
+    cuda_graphs: bool = False  # replay the whole denoise step as one CUDA graph per shape
+    channels_last: bool = False  # NHWC weights for the UNet and VAE convolutions
+    backend: str | Callable = "inductor"  # torch.compile backend ("aot_eager" in CPU tests)
+
+    @classmethod
+    def default(cls, device: str | torch.device, compile: bool | None = None,
+                channels_last: bool = False) -> FastPath:  # fmt: skip
+        """Compile + CUDA graphs on CUDA, eager on the CPU, unless `compile` says otherwise."""
+        cuda = torch.device(device).type == "cuda"
+        compile = cuda if compile is None else compile
+        return cls(compile=compile, cuda_graphs=compile and cuda, channels_last=channels_last)
+
+
+def compiled(fn: Callable, fast: FastPath) -> Callable:
+    """`fn` under torch.compile: one graph, shapes static (a new size is a new graph, not a
+    dynamic-shape one: CUDA graphs and the fastest kernels are per shape anyway)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=fast.backend)
+
+
+class StaticLoop:
+    """A sampling loop over fixed buffers: one run of a (sampler, steps, guidance, shape) key.
+
+    Each run copies its conditioning, schedule tables and noise into the buffers the step was
+    recorded on, then replays the step once per index. With `capture` (CUDA) the step is one
+    CUDA graph, so each step costs one launch; without it the same buffers run eagerly.
+    """
+
+    def __init__(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict,
+                 make_model: Callable[[dict], schedulers.Model], capture: bool) -> None:  # fmt: skip
+        self.cond = {k: v.clone() for k, v in cond.items()}
+        tables = {k: v.clone() for k, v in plan.tables.items()}
+        x = torch.empty_like(noise, dtype=torch.float32)
+        denoise = plan.denoiser(make_model(self.cond))
+        self.state = schedulers.SamplerState(denoise, plan.update, tables, x, torch.zeros_like(x))
+        self.i = torch.zeros(1, dtype=torch.long, device=noise.device)
+        self.graph = self._capture(plan, noise, cond) if capture else None
+
+    def load(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict) -> None:
+        """Copy one run's inputs into the static buffers (no reallocation, no host sync)."""
+        for k, v in cond.items():
+            self.cond[k].copy_(v)
+        for k, v in plan.tables.items():
+            self.state.tables[k].copy_(v)
+        self.state.x.copy_(noise.float() * plan.init_scale)
+        self.state.x0.zero_()
+
+    def _step(self, k: int) -> None:
+        self.i.fill_(k)
+        if self.graph is None:
+            schedulers.denoise_step(self.state, self.i)
+        else:
+            self.graph.replay()
+
+    def _capture(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict,
+                 warmup: int = 2) -> torch.cuda.CUDAGraph:  # fmt: skip
+        """Warm up on a side stream (compiles, cuDNN plans), then record one step."""
+        self.load(plan, noise, cond)
+        side = torch.cuda.Stream(self.i.device)
+        side.wait_stream(torch.cuda.current_stream(self.i.device))
+        with torch.cuda.stream(side):
+            for k in range(warmup):
+                self.i.fill_(min(k, plan.num_steps - 1))
+                schedulers.denoise_step(self.state, self.i)
+        torch.cuda.current_stream(self.i.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            schedulers.denoise_step(self.state, self.i)
+        return graph
+
+    def run(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict,
+            progress: bool = False) -> torch.Tensor:  # fmt: skip
+        """The final latent of one run (a copy: the buffers belong to the next run)."""
+        self.load(plan, noise, cond)
+        for k in schedulers.step_range(plan.num_steps, progress):
+            self._step(k)
+        return self.state.x.clone()
 
 
 @torch.inference_mode()
-def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1]; retries in fp32 if a low-precision decode overflows."""
+def decode_latents(
+    vae: torch.nn.Module, latents: torch.Tensor, decode: Callable | None = None
+) -> torch.Tensor:
+    """Latents -> images in [0, 1]; retries in fp32 (eagerly) if a low-precision decode overflows.
+
+    `decode`: vae.decode or a compiled version of it.
+    """
     vae_dtype = next(vae.parameters()).dtype
     z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).device)
-    images = vae.decode(z.to(vae_dtype)).float()
+    images = (decode or vae.decode)(z.to(vae_dtype)).float()
     if vae_dtype != torch.float32 and not torch.isfinite(images).all():
         log.warning("VAE decode in %s produced non-finite values; retrying in fp32", vae_dtype)
         try:
@@ -196,23 +325,29 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def guided_model(unet, cond: dict, guidance_scale: float, guidance_rescale: float):
-    """The eps/v model for the sampler: one batched UNet call for both CFG branches."""
+def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float,
+               guidance_rescale: float) -> torch.Tensor:  # fmt: skip
+    """The guided eps/v prediction (B, C, H, W) fp32: both CFG branches in one UNet call.
+
+    A plain function of tensors (and two constants), so torch.compile sees the CFG combine
+    and the UNet as one graph.
+    """
     guided = guidance_scale > 1.0
-    dtype = cond["encoder_hidden_states"].dtype
+    x_in = torch.cat([x, x]) if guided else x  # (2B, C, H, W): negatives first, as diffusers
+    out = unet(x_in.to(cond["encoder_hidden_states"].dtype), t, **cond).float()
+    if not guided:
+        return out
+    uncond, text = out.chunk(2)
+    guided_out = uncond + guidance_scale * (text - uncond)
+    if guidance_rescale > 0:
+        guided_out = rescale_guidance(guided_out, text, guidance_rescale)
+    return guided_out
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if guided else x
-        out = unet(x_in.to(dtype), t, **cond).float()
-        if not guided:
-            return out
-        uncond, text = out.chunk(2)
-        guided_out = uncond + guidance_scale * (text - uncond)
-        if guidance_rescale > 0:
-            guided_out = rescale_guidance(guided_out, text, guidance_rescale)
-        return guided_out
 
-    return model
+def guided_model(unet, cond: dict, guidance_scale: float, guidance_rescale: float,
+                 forward: Callable = guided_eps) -> schedulers.Model:  # fmt: skip
+    """The sampler's model (x, t) -> eps/v: `forward` (guided_eps, maybe compiled) bound to `cond`."""
+    return lambda x, t: forward(unet, x, t, cond, guidance_scale, guidance_rescale)
 
 
 def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, phi: float) -> torch.Tensor:

@@ -4,7 +4,10 @@ Samplers are pure functions of a denoiser D(x, sigma, t) -> x0 on the variance-e
 x = x0 + sigma * eps (Karras et al. 2022, arXiv:2206.00364); the eps/v-network is wrapped into
 that denoiser once, by `denoiser`. Schedules are built once per call on the host (numpy, with
 diffusers' own arithmetic so timesteps and sigmas match it exactly) and moved to the latent's
-device as fp32 tensors, so the step loop never waits on the host. Nothing keeps state between calls.
+device as fp32 tensors, so the step loop never waits on the host. A sampler is a pure update
+(D, x, previous x0, step row) -> (x, x0) plus the per-step tables it reads (`Plan`); `denoise_step`
+applies one step in place over fixed buffers, which is what a CUDA graph replays. Nothing keeps
+state between calls.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from tqdm.auto import tqdm
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (model input, timestep) -> raw eps or v prediction
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, sigma, timestep) -> x0
-NoiseFn = Callable[[int], Tensor]  # step index -> unit Gaussian shaped like the latent
+Tables = dict[str, Tensor]  # per-step schedule values, one row per step (or one step's row)
+Update = Callable[[Denoiser, Tensor, Tensor, Tables], tuple[Tensor, Tensor]]  # -> (x, x0)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -308,14 +312,15 @@ def ddim_schedule(
     return train[t_idx], sigmas_next, timesteps
 
 
-def _tensors(device: torch.device, *arrays: np.ndarray) -> tuple[Tensor, ...]:
+def _tables(device: torch.device, **arrays: np.ndarray) -> Tables:
     """fp32 device tensors from host schedule arrays (one copy per call, none in the loop)."""
-    return tuple(
-        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device) for a in arrays
-    )
+    return {
+        name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+        for name, a in arrays.items()
+    }
 
 
-# --------------------------------------------------------------------------- denoiser + samplers
+# --------------------------------------------------------------------------- denoiser + updates
 
 
 def denoiser(model: Model, prediction_type: str) -> Denoiser:
@@ -343,110 +348,161 @@ def clipped(denoise: Denoiser, limit: float) -> Denoiser:
     return lambda x, sigma, t: denoise(x, sigma, t).clamp(-limit, limit)
 
 
-def _steps(n: int, progress: bool) -> Sequence[int]:
-    """Step indices, with a tqdm bar only when asked."""
-    return tqdm(range(n), desc="sampling", leave=False) if progress else range(n)
+# Each update is one sampler step as a pure function (D, x, previous x0, step row) -> (x, x0).
+# The row holds this step's schedule values as 0-d device tensors (and its pre-drawn noise), so
+# a step never reads the host: the loop can be compiled and captured as a CUDA graph.
 
 
-def sample_euler(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, timesteps: Tensor, *, progress: bool = False
-) -> Tensor:
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D) / sigma (arXiv:2206.00364 alg. 1)."""
-    for i in _steps(len(timesteps), progress):
-        sigma = sigmas[i]
-        d = (x - denoise(x, sigma, timesteps[i])) / sigma
-        x = x + d * (sigmas[i + 1] - sigma)
-    return x
+def euler_update(denoise: Denoiser, x: Tensor, _prev: Tensor, s: Tables) -> tuple[Tensor, Tensor]:
+    """Euler step of the probability-flow ODE dx/dsigma = (x - D) / sigma (arXiv:2206.00364 alg. 1)."""
+    sigma = s["sigma"]
+    x0 = denoise(x, sigma, s["t"])
+    d = (x - x0) / sigma
+    return x + d * (s["sigma_next"] - sigma), x0
 
 
-def sample_euler_ancestral(
-    denoise: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    timesteps: Tensor,
-    noise: NoiseFn,
-    *,
-    progress: bool = False,
-) -> Tensor:
-    """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion, eta=1).
+def ancestral_update(
+    denoise: Denoiser, x: Tensor, _prev: Tensor, s: Tables
+) -> tuple[Tensor, Tensor]:
+    """Euler down to sigma_down, then the step's noise up to sigma_next (k-diffusion, eta=1).
 
     In this scale one DDPM posterior sample (Ho et al. 2020) is exactly this step.
     """
-    for i in _steps(len(timesteps), progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0) ** 0.5
-        d = (x - denoise(x, sigma, timesteps[i])) / sigma
-        x = x + d * (sigma_down - sigma)
-        x = x + noise(i) * sigma_up
-    return x
+    sigma, sigma_next = s["sigma"], s["sigma_next"]
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0) ** 0.5
+    x0 = denoise(x, sigma, s["t"])
+    d = (x - x0) / sigma
+    x = x + d * (sigma_down - sigma)
+    return x + s["noise"] * sigma_up, x0
 
 
-def sample_ddim(
-    denoise: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    sigmas_next: Tensor,
-    timesteps: Tensor,
-    *,
-    clip: float | None = None,
-    progress: bool = False,
-) -> Tensor:
+def ddim_update(
+    denoise: Denoiser, x: Tensor, _prev: Tensor, s: Tables, *, clip: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Deterministic DDIM (eta=0, Song et al. 2020, arXiv:2010.02502): jump along the predicted eps.
 
     x stays in the variance-preserving scale, as in diffusers, because a step's target level
     need not be the next step's start level (see `ddim_schedule`); eps is the unclipped one.
     """
-    for i in _steps(len(timesteps), progress):
-        sigma, sigma_next = sigmas[i], sigmas_next[i]
-        x_ve = x * (sigma**2 + 1) ** 0.5
-        x0 = denoise(x_ve, sigma, timesteps[i])
-        eps = (x_ve - x0) / sigma
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
-        x = (x0 + sigma_next * eps) / (sigma_next**2 + 1) ** 0.5
-    return x
+    sigma, sigma_next = s["sigma"], s["sigma_next"]
+    x_ve = x * (sigma**2 + 1) ** 0.5
+    x0 = denoise(x_ve, sigma, s["t"])
+    eps = (x_ve - x0) / sigma
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return (x0 + sigma_next * eps) / (sigma_next**2 + 1) ** 0.5, x0
 
 
-def sample_dpmpp_2m(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, timesteps: Tensor, *, progress: bool = False
-) -> Tensor:
+def dpmpp_2m_update(denoise: Denoiser, x: Tensor, prev: Tensor, s: Tables) -> tuple[Tensor, Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095) in lambda = -log sigma.
 
-    First order on the first step and on the last one (into sigma = 0, diffusers'
-    final_sigmas_type="zero"), second order in between.
+    First order where the row's `second_order` is false (the first step, which has no history,
+    and the last one, into sigma = 0 as diffusers' final_sigmas_type="zero"); `torch.where`
+    picks the branch on the device, so the step has no Python branch on the step index.
     """
-    n, old = len(timesteps), None
-    for i in _steps(n, progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise(x, sigma, timesteps[i])
-        h = sigma.log() - sigma_next.log()  # +inf into sigma = 0, where the update gives x0
-        d = x0
-        if old is not None and i < n - 1:
-            r = (sigmas[i - 1].log() - sigma.log()) / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
-        x = (sigma_next / sigma) * x - torch.expm1(-h) * d
-        old = x0
-    return x
+    sigma, sigma_next = s["sigma"], s["sigma_next"]
+    x0 = denoise(x, sigma, s["t"])
+    h = sigma.log() - sigma_next.log()  # +inf into sigma = 0, where the update gives x0
+    r = (s["sigma_prev"].log() - sigma.log()) / h  # 0 on first-order rows: never selected
+    second = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev
+    d = torch.where(s["second_order"], second, x0)
+    return (sigma_next / sigma) * x - torch.expm1(-h) * d, x0
 
 
-# --------------------------------------------------------------------------- registry + entry point
+# --------------------------------------------------------------------------- plans + the step
 
 
-def _noise_fn(generators: Sequence[torch.Generator] | None, like: Tensor) -> NoiseFn:
-    """Per-step unit noise: image b from generators[b] as diffusers' randn_tensor draws it."""
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """One sampling run laid out as data: per-step tables, the pure update, the x0 denoiser.
+
+    tables[k] has one row per step (sigma, sigma_next, t, and per sampler sigma_prev,
+    second_order or the pre-drawn noise (N, B, C, H, W)); all live on the latent's device.
+    """
+
+    update: Update
+    tables: Tables
+    init_scale: Tensor  # 0-d: the unit noise is multiplied by it (diffusers' init_noise_sigma)
+    prediction_type: str
+    clip_x0: float | None = None  # clamp every x0 (DDPM's clip_sample)
+
+    @property
+    def num_steps(self) -> int:
+        return self.tables["t"].shape[0]
+
+    def denoiser(self, model: Model) -> Denoiser:
+        """The x0 denoiser this plan's updates call, around the eps/v network `model`."""
+        d = denoiser(model, self.prediction_type)
+        return clipped(d, self.clip_x0) if self.clip_x0 is not None else d
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerState:
+    """The buffers a sampling run reads and overwrites in place, so a captured step replays on them."""
+
+    denoise: Denoiser
+    update: Update
+    tables: Tables
+    x: Tensor  # (B, C, H, W) fp32, the current latent
+    x0: Tensor  # (B, C, H, W) fp32, the previous step's x0 (DPM-Solver++(2M)'s history)
+
+
+def start(plan: Plan, model: Model, noise: Tensor) -> SamplerState:
+    """The state before step 0: scaled unit noise (B, C, H, W) and an empty history."""
+    x = noise.float() * plan.init_scale
+    return SamplerState(plan.denoiser(model), plan.update, plan.tables, x, torch.zeros_like(x))
+
+
+def denoise_step(state: SamplerState, i: Tensor) -> None:
+    """Step i (a (1,) int64 tensor on the latent's device) in place: one denoiser call, one update.
+
+    Rows are gathered with index_select, never with a Python number read from the device, so
+    the step launches the same kernels whatever i is: one CUDA graph serves every step.
+    """
+    row = {k: v.index_select(0, i).squeeze(0) for k, v in state.tables.items()}
+    x, x0 = state.update(state.denoise, state.x, state.x0, row)
+    state.x.copy_(x)
+    state.x0.copy_(x0)
+
+
+def run_steps(state: SamplerState, num_steps: int, *, progress: bool = False) -> Tensor:
+    """Run every step eagerly (or through a compiled denoiser) and return the final latent."""
+    steps = torch.arange(num_steps, device=state.x.device)
+    for k in step_range(num_steps, progress):
+        denoise_step(state, steps[k : k + 1])
+    return state.x
+
+
+def step_range(n: int, progress: bool) -> Sequence[int]:
+    """Step indices, with a tqdm bar only when asked."""
+    return tqdm(range(n), desc="sampling", leave=False) if progress else range(n)
+
+
+# --------------------------------------------------------------------------- planners + registry
+
+
+def predraw_noise(
+    generators: Sequence[torch.Generator] | None, like: Tensor, draw: Sequence[bool]
+) -> Tensor:
+    """Unit noise (N, B, C, H, W) for the steps where draw[i], zeros elsewhere, drawn up front.
+
+    Image b's rows come from generators[b] in step order, exactly the draws diffusers'
+    randn_tensor makes during its loop, so images match it and depend only on their own seed.
+    Without generators the rows come from the device's default generator.
+    """
+    home = generators[0].device if generators else like.device  # one copy to `like` at the end
     shape = (1, *like.shape[1:])
-
-    def draw(_step: int) -> Tensor:
-        if generators is None:
-            return torch.randn(like.shape, device=like.device, dtype=torch.float32)
-        parts = [
-            torch.randn(shape, generator=g, device=g.device, dtype=torch.float32)
-            for g in generators
-        ]
-        return torch.cat(parts).to(like.device)
-
-    return draw
+    rows = []
+    for wanted in draw:
+        if not wanted:
+            rows.append(torch.zeros(like.shape, device=home, dtype=torch.float32))
+        elif generators is None:
+            rows.append(torch.randn(like.shape, device=home, dtype=torch.float32))
+        else:
+            rows.append(torch.cat([torch.randn(shape, generator=g, device=g.device,
+                                               dtype=torch.float32) for g in generators]))  # fmt: skip
+    return torch.stack(rows).to(like.device)
 
 
 def _init_scale(sigma_max: Tensor, variance_preserving: bool) -> Tensor:
@@ -454,68 +510,75 @@ def _init_scale(sigma_max: Tensor, variance_preserving: bool) -> Tensor:
     return (sigma_max**2 + 1) ** 0.5 if variance_preserving else sigma_max
 
 
-def _run_euler(model, noise, num_steps, config, noise_fn, progress, *, karras: bool) -> Tensor:
+def _euler_tables(cfg: SchedulerConfig, num_steps: int, device, **kw) -> Tables:
+    sigmas, timesteps = euler_schedule(cfg, num_steps, **kw)
+    return _tables(device, sigma=sigmas[:-1], sigma_next=sigmas[1:], t=timesteps)
+
+
+def _plan_euler(config, num_steps, noise, generators, *, karras: bool) -> Plan:
     """diffusers EulerDiscreteScheduler (use_karras_sigmas=karras)."""
     cfg = SchedulerConfig.from_dict(config, "euler")
-    sigmas, timesteps = _tensors(noise.device, *euler_schedule(cfg, num_steps, karras=karras))
-    x = noise * _init_scale(sigmas[0], cfg.timestep_spacing == "leading")
-    return sample_euler(
-        denoiser(model, cfg.prediction_type), x, sigmas, timesteps, progress=progress
-    )
+    tables = _euler_tables(cfg, num_steps, noise.device, karras=karras)
+    scale = _init_scale(tables["sigma"][0], cfg.timestep_spacing == "leading")
+    return Plan(euler_update, tables, scale, cfg.prediction_type)
 
 
-def _run_euler_a(model, noise, num_steps, config, noise_fn, progress) -> Tensor:
+def _plan_euler_a(config, num_steps, noise, generators) -> Plan:
     """diffusers EulerAncestralDiscreteScheduler (it has no Karras option)."""
     cfg = SchedulerConfig.from_dict(config, "euler_a")
-    sigmas, timesteps = _tensors(noise.device, *euler_schedule(cfg, num_steps))
-    x = noise * _init_scale(sigmas[0], cfg.timestep_spacing == "leading")
-    d = denoiser(model, cfg.prediction_type)
-    return sample_euler_ancestral(d, x, sigmas, timesteps, noise_fn, progress=progress)
+    tables = _euler_tables(cfg, num_steps, noise.device)
+    tables["noise"] = predraw_noise(generators, noise, [True] * num_steps)
+    scale = _init_scale(tables["sigma"][0], cfg.timestep_spacing == "leading")
+    return Plan(ancestral_update, tables, scale, cfg.prediction_type)
 
 
-def _run_ddpm(model, noise, num_steps, config, noise_fn, progress) -> Tensor:
-    """diffusers DDPMScheduler (fixed_small variance): ancestral steps over integer timesteps."""
+def _plan_ddpm(config, num_steps, noise, generators) -> Plan:
+    """diffusers DDPMScheduler (fixed_small variance): ancestral steps over integer timesteps.
+
+    diffusers draws no noise for a step at t = 0 (its weight is 0 there anyway), nor do we.
+    """
     cfg = SchedulerConfig.from_dict(config, "ddpm")
-    sigmas_np, t_np = euler_schedule(cfg, num_steps, integer=True)
-    sigmas, timesteps = _tensors(noise.device, sigmas_np, t_np)
-    d = denoiser(model, cfg.prediction_type)
-    d = clipped(d, cfg.clip_sample_range) if cfg.clip_sample else d
-
-    def draw(i: int) -> Tensor:
-        """diffusers draws no noise for a step at t = 0 (its weight is 0 there anyway)."""
-        return torch.zeros_like(noise) if t_np[i] == 0 else noise_fn(i)
-
-    x = noise * _init_scale(sigmas[0], True)
-    return sample_euler_ancestral(d, x, sigmas, timesteps, draw, progress=progress)
-
-
-def _run_ddim(model, noise, num_steps, config, noise_fn, progress) -> Tensor:
-    """diffusers DDIMScheduler with eta=0."""
-    cfg = SchedulerConfig.from_dict(config, "ddim")
-    sigmas, sigmas_next, timesteps = _tensors(noise.device, *ddim_schedule(cfg, num_steps))
+    tables = _euler_tables(cfg, num_steps, noise.device, integer=True)
+    _, t_host = euler_schedule(cfg, num_steps, integer=True)
+    tables["noise"] = predraw_noise(generators, noise, list(t_host != 0))
     clip = cfg.clip_sample_range if cfg.clip_sample else None
-    d = denoiser(model, cfg.prediction_type)
-    return sample_ddim(d, noise, sigmas, sigmas_next, timesteps, clip=clip, progress=progress)
+    return Plan(ancestral_update, tables, _init_scale(tables["sigma"][0], True),
+                cfg.prediction_type, clip)  # fmt: skip
 
 
-def _run_dpmpp_2m(model, noise, num_steps, config, noise_fn, progress, *, karras: bool) -> Tensor:
+def _plan_ddim(config, num_steps, noise, generators) -> Plan:
+    """diffusers DDIMScheduler with eta=0 (the unit noise is its initial latent as is)."""
+    cfg = SchedulerConfig.from_dict(config, "ddim")
+    sigmas, sigmas_next, timesteps = ddim_schedule(cfg, num_steps)
+    tables = _tables(noise.device, sigma=sigmas, sigma_next=sigmas_next, t=timesteps)
+    clip = cfg.clip_sample_range if cfg.clip_sample else None
+    one = torch.ones((), device=noise.device)
+    return Plan(partial(ddim_update, clip=clip), tables, one, cfg.prediction_type)
+
+
+def _plan_dpmpp_2m(config, num_steps, noise, generators, *, karras: bool) -> Plan:
     """diffusers DPMSolverMultistepScheduler (dpmsolver++, order 2, use_karras_sigmas=karras)."""
     cfg = SchedulerConfig.from_dict(config, "dpmpp_2m")
-    sigmas, timesteps = _tensors(noise.device, *dpm_schedule(cfg, num_steps, karras=karras))
-    x = noise * _init_scale(sigmas[0], True)
-    return sample_dpmpp_2m(
-        denoiser(model, cfg.prediction_type), x, sigmas, timesteps, progress=progress
+    sigmas, timesteps = dpm_schedule(cfg, num_steps, karras=karras)
+    sigma_prev = np.concatenate([sigmas[:1], sigmas[:-2]])  # row 0 has no history
+    tables = _tables(noise.device, sigma=sigmas[:-1], sigma_next=sigmas[1:], t=timesteps,
+                     sigma_prev=sigma_prev)  # fmt: skip
+    steps = np.arange(num_steps)
+    tables["second_order"] = torch.from_numpy((steps > 0) & (steps < num_steps - 1)).to(
+        noise.device
     )
+    scale = _init_scale(tables["sigma"][0], True)
+    return Plan(dpmpp_2m_update, tables, scale, cfg.prediction_type)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": partial(_run_euler, karras=False),
-    "euler_karras": partial(_run_euler, karras=True),
-    "euler_a": _run_euler_a,
-    "ddim": _run_ddim,
-    "ddpm": _run_ddpm,
-    "dpmpp_2m": partial(_run_dpmpp_2m, karras=False),
-    "dpmpp_2m_karras": partial(_run_dpmpp_2m, karras=True),
+SAMPLERS: dict[str, Callable[..., Plan]] = {
+    "euler": partial(_plan_euler, karras=False),
+    "euler_karras": partial(_plan_euler, karras=True),
+    "euler_a": _plan_euler_a,
+    "ddim": _plan_ddim,
+    "ddpm": _plan_ddpm,
+    "dpmpp_2m": partial(_plan_dpmpp_2m, karras=False),
+    "dpmpp_2m_karras": partial(_plan_dpmpp_2m, karras=True),
 }
 
 
@@ -523,6 +586,26 @@ def check_sampler(name: str) -> None:
     """Fail early, listing the valid names, for an unknown sampler."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; use one of {sorted(SAMPLERS)}")
+
+
+def plan(
+    sampler: str,
+    noise: Tensor,
+    num_steps: int,
+    scheduler_config: dict,
+    generators: Sequence[torch.Generator] | None = None,
+) -> Plan:
+    """The run of `sampler` over `num_steps` for unit noise shaped like `noise` (B, C, H, W).
+
+    Ancestral noise for image b is drawn here, once, from generators[b].
+    """
+    check_sampler(sampler)
+    n_train = scheduler_config.get("num_train_timesteps", 1000)
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= n_train:
+        raise ValueError(f"num_steps must be an integer in [1, {n_train}], got {num_steps!r}")
+    if generators is not None and len(generators) != noise.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {noise.shape[0]}")
+    return SAMPLERS[sampler](scheduler_config, num_steps, noise, generators)
 
 
 def sample(
@@ -541,13 +624,5 @@ def sample(
     prediction_type) for the scaled model input x_in and a 0-d fp32 timestep t. The initial
     noise is scaled here; ancestral noise for image b comes from generators[b]. Returns fp32.
     """
-    check_sampler(sampler)
-    n_train = scheduler_config.get("num_train_timesteps", 1000)
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= n_train:
-        raise ValueError(f"num_steps must be an integer in [1, {n_train}], got {num_steps!r}")
-    if generators is not None and len(generators) != noise.shape[0]:
-        raise ValueError(f"got {len(generators)} generators for a batch of {noise.shape[0]}")
-    noise = noise.float()
-    return SAMPLERS[sampler](
-        model, noise, num_steps, scheduler_config, _noise_fn(generators, noise), progress
-    )
+    p = plan(sampler, noise, num_steps, scheduler_config, generators)
+    return run_steps(start(p, model, noise), p.num_steps, progress=progress)

@@ -211,3 +211,66 @@ def test_same_lora_path_with_other_weights_regenerates(tiny_dir, tmp_path, train
     assert generate_dataset(_cfg(tiny_dir, tmp_path / "reused", **kw), 1) == 2
     generate_dataset(_cfg(tiny_dir, tmp_path / "fresh", **kw), 1)
     assert _files(tmp_path / "reused") == _files(tmp_path / "fresh")
+
+
+# ----------------------------------------------------------------------------- background writer
+
+
+def test_background_writes_equal_synchronous_writes(tiny_dir, tmp_path, one_worker, monkeypatch):
+    """one_worker was written by the writer threads; writing in the generating thread gives the
+    same bytes in every file."""
+    monkeypatch.setattr("sdxl.generate.run.WRITE_THREADS", 0)
+    out = tmp_path / "sync"
+    generate_dataset(_cfg(tiny_dir, out, save_metadata=True), num_workers=1)
+    assert _files(out) == _files(one_worker)
+
+
+def test_a_failing_background_write_fails_the_command_in_one_line(tiny_dir, tmp_path, capsys):
+    from sdxl.cli.generate import main
+
+    out = tmp_path / "fail"
+    out.mkdir()
+    (out / "00001.png").mkdir()  # the second image cannot be written
+    argv = ["--pretrained-model", str(tiny_dir), "--output-dir", str(out), "--prompt", "x",
+            "--num-images", "3", "--image-size", "64", "--num-inference-steps", "1",
+            "--device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "00001.png" in lines[0] and "Traceback" not in err, err
+    assert not (out / "captions.json").exists()
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_background_writer_bounds_the_queue_and_waits_for_all():
+    import threading
+    import time
+
+    from sdxl.generate.writers import BackgroundWriter
+
+    lock, state = threading.Lock(), {"queued": 0, "most": 0, "done": 0}
+
+    def slow_write(_item):
+        time.sleep(0.01)
+        with lock:
+            state["queued"] -= 1
+            state["done"] += 1
+
+    with BackgroundWriter(threads=2, max_pending=3) as writer:
+        for item in range(12):
+            with lock:
+                state["queued"] += 1
+                state["most"] = max(state["most"], state["queued"])
+            writer.submit(slow_write, item)
+    assert state["done"] == 12  # leaving the block waited for every write
+    assert state["most"] <= 4  # three in flight plus the one being submitted
+
+
+def test_compile_flag_reaches_the_config(tiny_dir):
+    from sdxl.cli.generate import build_parser, config_from_args
+
+    base = ["--pretrained-model", str(tiny_dir), "--prompt", "x"]
+    for extra, want in (([], None), (["--compile"], True), (["--no-compile"], False)):
+        assert config_from_args(build_parser().parse_args(base + extra)).compile is want

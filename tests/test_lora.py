@@ -290,6 +290,33 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_fused_transformer_with_lora_compiles_without_graph_breaks(base_state, inputs):
+    """A fused-QKV transformer with stacked LoRAs and selective checkpointing: one graph, both
+    for the training step (same loss and grads as eager) and merged for inference."""
+    unet = ours(base_state)
+    unet.fuse_qkv()
+    inject_lora(unet, CONFIG, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in lora_modules(unet).values():
+            layer.lora_up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    unet.set_gradient_checkpointing("selective")
+    block = unet.mid_block.attentions[0].train()  # the Transformer2DModel regional compile gets
+    x, context = torch.randn(2, 32, 4, 4, generator=torch.Generator().manual_seed(2)), inputs[2]
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def loss_and_grads(model):
+        loss = model(x, context).square().mean()
+        return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for got, expected in zip(loss_and_grads(compiled), loss_and_grads(block), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    merge_lora(block)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x, context), block(x, context))
+
+
 # ----------------------------------------------------------------------------- SGM map + formats
 
 
@@ -463,9 +490,13 @@ def tiny_pipeline(base_state, tmp_path):
     )
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
-def test_diffusers_load_lora_weights_matches_ours(base_state, inputs, tmp_path, fmt):
+@pytest.mark.parametrize(
+    ("fmt", "fused"), [("kohya", False), ("peft", False), ("kohya", True)], ids=str
+)
+def test_diffusers_load_lora_weights_matches_ours(base_state, inputs, tmp_path, fmt, fused):
     unet = ours(base_state)
+    if fused:  # saved from, and applied to, a fused-QKV UNet
+        unet.fuse_qkv()
     state = random_lora(unet, CONFIG, seed=10)  # conv and linear modules differ in rank and alpha
     if fmt == "peft":
         # diffusers 0.42's kohya path drops alphas of single attention projections (its

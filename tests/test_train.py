@@ -224,13 +224,14 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def test_batches_never_drop_samples():
-    from sdxl.train.data_order import epoch_batches, rank_slice
+    from sdxl.train.data_order import epoch_batches, rank_rows
 
     buckets = {(64, 64): list(range(7)), (64, 128): [7, 8, 9]}
     batches = epoch_batches(buckets, epoch=0, seed=1, batch_size=4)
     assert sorted(i for b in batches for i in b) == list(range(10))
     assert sorted(len(b) for b in batches) == [3, 3, 4]  # short tails are kept
-    assert [rank_slice(1, r, 4) for r in range(4)] == [slice(0, 1)] + [slice(1, 1)] * 3
+    short = [0]  # a tail of 1 sample at 4 ranks x batch 1: rank 0 has it, 1-3 only padding
+    assert [short[rank_rows(r, 1)] for r in range(4)] == [[0], [], [], []]
 
 
 def test_images_per_s_counts_the_global_batch_once(tiny_dir, cache_dir, tmp_path, monkeypatch):
@@ -356,11 +357,12 @@ def test_non_finite_loss_skips_the_step_and_names_the_sample(
     from sdxl.data.cache import CachedDataset
 
     original = CachedDataset.__getitem__
-    bad_key = original(CachedDataset(cache_dir / "latents", cache_dir / "text"), 0)["key"]
+    first = original(CachedDataset(cache_dir / "latents", cache_dir / "text"), 0)
+    bad_key, bad_item = first["key"], first["item"]
 
-    def poisoned(self, i):
+    def poisoned(self, i):  # both the plain and the mirrored variant, whichever the draw picks
         item = original(self, i)
-        if item["key"] == bad_key:
+        if item["item"] == bad_item:
             item = {**item, "mean": torch.full_like(item["mean"], float("nan"))}
         return item
 

@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=None, help="worker count (default: all GPUs)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed + i")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the UNet and VAE and replay each step as a CUDA graph "
+        "(default: on for CUDA, off on CPU)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="NHWC UNet/VAE weights (may be faster on GPUs)"
+    )
     add_debug_flag(p)
     return p
 
@@ -112,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         sampler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
         precision=args.precision, device=args.device, save_metadata=args.save_metadata,
         output_format=args.output_format, loras=tuple(zip(args.lora_checkpoint, scales, strict=True)),
-        merge_loras=not args.no_merge_lora,
+        merge_loras=not args.no_merge_lora, compile=args.compile, channels_last=args.channels_last,
     )  # fmt: skip
 
 

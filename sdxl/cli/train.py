@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_grad_norm", type=float, default=d.max_grad_norm, help="<= 0 disables clipping")
     a("--precision", default=d.precision, choices=PRECISIONS)
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    a(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the training step (default: on for CUDA, off on the CPU)",
+    )
+    a(
+        "--compile_mode",
+        default=d.compile_mode,
+        choices=["full", "regional"],
+        help="full: the whole loss as one graph; regional: each transformer block and resnet",
+    )
+    a(
+        "--cuda_graphs",
+        action=argparse.BooleanOptionalAction,
+        default=d.cuda_graphs,
+        help="replay each bucket's whole step as one CUDA graph (opt-in until verified on a GPU)",
+    )
     a("--use_ema", action="store_true")
     a("--ema_decay", type=float, default=d.ema_decay)
     a(

@@ -2,7 +2,8 @@
 
 Image i always gets prompt i and noise seed + i, so the dataset is the same whatever the batch
 size, the number of workers, or how often the job was killed and rerun. Each image is written
-as soon as it is decoded (PNG last, atomically) with its parameters in a PNG text chunk. A rerun
+by a background writer thread while the next batch is generated (PNG last, atomically), with its
+parameters in a PNG text chunk; all writes finish before the dataset files are written. A rerun
 keeps an image only if those parameters (prompt, seeds, size, sampler, steps, guidance,
 precision, model and LoRA identities) are the ones asked for and regenerates the others, so a
 folder reused with other settings ends up equal to a fresh one. One process writes a folder at a
@@ -27,6 +28,7 @@ from sdxl.cli.errors import EXPECTED  # what the user caused and can fix
 from sdxl.errors import UserError
 from sdxl.generate.coco import remove_dataset_files, write_dataset_files
 from sdxl.generate.writers import (
+    BackgroundWriter,
     index_width,
     is_done,
     remove_foreign_items,
@@ -37,6 +39,8 @@ from sdxl.procs import die_with_parent, folder_lock
 from sdxl.utils import remove_stale_temps
 
 log = logging.getLogger(__name__)
+
+WRITE_THREADS = 2  # PNG encoders running beside generation (0: write in the generating thread)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class GenerateConfig:
     output_format: str = "coco"
     loras: tuple[tuple[str, float], ...] = ()
     merge_loras: bool = True
+    # Speed only, not in the images' metadata (kernel choices, like batch size; see FastPath):
+    compile: bool | None = None  # torch.compile + CUDA graphs; None: on for CUDA, off on CPU
+    channels_last: bool = False  # NHWC UNet/VAE weights
 
     def __post_init__(self):
         from sdxl.pipeline import check_image_size
@@ -176,16 +183,19 @@ def _prepare(cfg: GenerateConfig, indices: list[int]) -> list[int]:
 
 
 def load_generation_pipeline(cfg: GenerateConfig, device: str):
-    """The pipeline on `device` (fp32 on CPU) with the LoRAs applied, merged for speed."""
+    """The pipeline on `device` (fp32 on CPU) with the LoRAs applied, merged for speed, and the
+    fast path (compile, CUDA graphs) that `cfg.compile` asks for."""
     from sdxl.lora import apply_loras
     from sdxl.lora_formats import load_lora_file
-    from sdxl.pipeline import load_pipeline
+    from sdxl.pipeline import FastPath, load_pipeline
 
     dtype = "fp32" if device == "cpu" else cfg.precision
     pipe = load_pipeline(cfg.pretrained_model, device=device, dtype=dtype)
     if cfg.loras:
         states = [(load_lora_file(path, pipe.unet)[0], scale) for path, scale in cfg.loras]
         apply_loras(pipe.unet, states, merge=cfg.merge_loras)
+    # After the LoRAs: compiled kernels and CUDA graphs read the merged weights in place.
+    pipe.use_fast_path(FastPath.default(device, cfg.compile, cfg.channels_last))
     return pipe
 
 
@@ -234,7 +244,10 @@ def _make_images(cfg: GenerateConfig, todo: list[int], device: str, pipe=None,
     out = Path(cfg.output_dir)
     # fp32 (always on CPU): bit-identical images for any batch size; bf16/fp16 on GPU: batched.
     exact = pipe.dtype == torch.float32
-    with tqdm(total=len(todo), desc=f"images[{device}]", unit="img", position=position) as bar:
+    # One batch is encoded and written while the next one is generated.
+    writer = BackgroundWriter(WRITE_THREADS, max_pending=2 * cfg.batch_size)
+    bar = tqdm(total=len(todo), desc=f"images[{device}]", unit="img", position=position)
+    with writer, bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
             images = pipe.generate(
@@ -244,8 +257,8 @@ def _make_images(cfg: GenerateConfig, todo: list[int], device: str, pipe=None,
                 indices=batch, batch_invariant=exact,
             )  # fmt: skip
             for i, image in zip(batch, images, strict=True):
-                write_item(out, cfg.file_stem(i), image, image_meta(cfg, i), cfg.json_files,
-                           caption=cfg.caption_files)  # fmt: skip
+                writer.submit(write_item, out, cfg.file_stem(i), image, image_meta(cfg, i),
+                              cfg.json_files, caption=cfg.caption_files)  # fmt: skip
             bar.update(len(batch))
 
 

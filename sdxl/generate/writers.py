@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -135,3 +138,50 @@ def remove_foreign_items(out_dir: Path, num_images: int) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+class BackgroundWriter:
+    """Runs writes (PNG encoding is most of their time) on a few threads while the caller
+    makes the next batch, so the GPU does not wait for zlib.
+
+    At most `max_pending` writes are queued or running; `submit` blocks beyond that, so memory
+    stays flat. The first failed write is raised, as its own exception, by the next `submit` or
+    by leaving the block, so the command fails with its usual one-line error. Leaving the block
+    waits for every write (callers finalize a dataset only after all its images exist). Writes
+    stay atomic, so a crash leaves at most temp files that the next run removes. `threads=0`
+    writes synchronously in the caller.
+    """
+
+    def __init__(self, threads: int = 2, max_pending: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(threads, "image-writer") if threads > 0 else None
+        self._slots = threading.BoundedSemaphore(max(max_pending, 1))
+        self._pending: list[Future] = []
+
+    def submit(self, write: Callable[..., None], *args, **kwargs) -> None:
+        """Queue write(*args, **kwargs); raise first if an earlier write failed."""
+        self._raise_failed()
+        if self._pool is None:
+            write(*args, **kwargs)
+            return
+        self._slots.acquire()
+        future = self._pool.submit(write, *args, **kwargs)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append(future)
+
+    def _raise_failed(self) -> None:
+        """Forget finished writes, raising the exception of the first one that failed."""
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Wait for all writes; on an error in the block, drop the queued ones and re-raise it."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is None:
+            for future in self._pending:
+                future.result()

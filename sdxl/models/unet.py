@@ -8,13 +8,20 @@ D widths.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from sdxl.lora import stacked_lora_delta
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -206,11 +213,50 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
+# Activation checkpointing modes of UNet2DConditionModel.set_gradient_checkpointing.
+CHECKPOINTING = ("none", "full", "selective")
+# The SDPA kernels (each backend's op): what "selective" keeps instead of recomputing.
+_ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+)
+
+
+def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep the attention outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def _maybe_checkpoint(module: nn.Module, fn, *args):
-    """Run fn(*args), recomputing its activations in backward when checkpointing (saves memory)."""
-    if module.gradient_checkpointing and module.training:
+    """Run fn(*args), recomputing its activations in backward when checkpointing (saves memory).
+
+    "selective" keeps the SDPA outputs (the most expensive op to recompute, ~12% of the FLOPs,
+    and small: (B, heads, N, D) each) and recomputes the GEMMs, norms and activations around them.
+    """
+    mode = module.checkpointing if module.training else "none"
+    if mode == "full":
         return checkpoint(fn, *args, use_reentrant=False)
+    if mode == "selective":
+        policy = functools.partial(create_selective_checkpoint_contexts, _save_attention)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=policy)
     return fn(*args)
+
+
+def checkpointing_mode(mode: bool | str) -> str:
+    """One of CHECKPOINTING from a mode name or a bool (True = "full", False = "none")."""
+    if isinstance(mode, bool):
+        return "full" if mode else "none"
+    if mode not in CHECKPOINTING:
+        raise ValueError(
+            f"gradient checkpointing {mode!r} is not one of {list(CHECKPOINTING)} (or true/false)"
+        )
+    return mode
 
 
 class TimestepEmbedding(nn.Module):
@@ -236,7 +282,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-        self.gradient_checkpointing = False
+        self.checkpointing = "none"  # a CHECKPOINTING mode
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         return _maybe_checkpoint(self, self._forward, x, temb)
@@ -249,8 +295,15 @@ class ResnetBlock2D(nn.Module):
         return skip + h
 
 
+QKV = ("to_q", "to_k", "to_v")  # fused for self-attention: all read the same tokens
+KV = ("to_k", "to_v")  # fused for cross-attention: both read the text context
+
+
 class Attention(nn.Module):
-    """Multi-head attention over tokens; keys/values come from `context` (cross) or x (self)."""
+    """Multi-head attention over tokens; keys/values come from `context` (cross) or x (self).
+
+    After `fuse_projections` the projections that read the same input run as one GEMM (see there).
+    """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -262,12 +315,19 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         # a list so the key is to_out.0 (diffusers keeps a dropout at index 1)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.fused: tuple[str, ...] = ()  # QKV, KV or () (not fused)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused == QKV and context is not None:
+            raise ValueError("this Attention's to_q/to_k/to_v are fused for self-attention")
         context = x if context is None else context
-        q = self._split_heads(self.to_q(x))  # (B, h, N, D)
-        k = self._split_heads(self.to_k(context))  # (B, h, T, D)
-        v = self._split_heads(self.to_v(context))
+        if self.fused == QKV:
+            q, k, v = self._fused_linear(x)  # (B, N, h*D) each
+        elif self.fused == KV:
+            q, (k, v) = self.to_q(x), self._fused_linear(context)  # k, v: (B, T, h*D)
+        else:
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (self._split_heads(t) for t in (q, k, v))  # (B, h, N|T, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D)
         out = out.transpose(1, 2).flatten(2)  # (B, N, h*D)
         return self.to_out[0](out)
@@ -275,6 +335,61 @@ class Attention(nn.Module):
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, h*D) -> (B, h, L, D)."""
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def fuse_projections(self, names: tuple[str, ...]) -> None:
+        """Run the projections `names` (QKV for self-, KV for cross-attention) as one GEMM.
+
+        Their weights become row slices of one tensor, the non-persistent buffer `fused_weight`
+        (as FSDP's flat parameters do): the Parameters stay the same objects under the checkpoint
+        names, so state_dict, load_state_dict, LoRA injection/merge and optimizers see no change,
+        and every in-place write to a projection's weight is what the fused GEMM reads.
+        """
+        if names not in (QKV, KV):
+            raise ValueError(f"fuse_projections takes {QKV} or {KV}, got {names!r}")
+        if self.fused:
+            raise ValueError(f"this Attention's {self.fused} are already fused")
+        self.fused = names
+        self._pack()
+        self.register_load_state_dict_post_hook(_repack_after_load)
+
+    def _pack(self) -> None:
+        """Copy the fused projections' weights into one tensor and make them views of it."""
+        weights = [getattr(self, n).weight for n in self.fused]
+        fused = torch.cat([w.detach() for w in weights])  # (sum of out, in)
+        self.register_buffer("fused_weight", fused, persistent=False)
+        for w, rows in zip(weights, fused.split([w.shape[0] for w in weights]), strict=True):
+            w.data = rows
+
+    def _repack(self) -> None:
+        """Share one tensor again if something gave a fused weight its own storage."""
+        base = self.fused_weight.untyped_storage().data_ptr()
+        weights = [getattr(self, n).weight for n in self.fused]
+        if any(w.untyped_storage().data_ptr() != base for w in weights):
+            self._pack()
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half()/.cuda()/to_empty() convert each Parameter and buffer on its own.
+        super()._apply(fn, recurse)
+        if self.fused:
+            self._repack()
+        return self
+
+    def _fused_linear(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fused projections of x: one GEMM over fused_weight plus their LoRAs, stacked."""
+        layers = [getattr(self, n) for n in self.fused]
+        weight = self.fused_weight  # (sum of out, in)
+        if any(m.weight.requires_grad for m in layers):
+            weight = torch.cat([m.weight for m in layers])  # training the base: grads per Parameter
+        y = F.linear(x, weight)  # (B, L, sum of out)
+        delta = stacked_lora_delta(layers, x)
+        if delta is not None:
+            y = y + delta.to(y.dtype)
+        return y.split([m.weight.shape[0] for m in layers], dim=-1)
+
+
+def _repack_after_load(attention: Attention, incompatible_keys) -> None:
+    """load_state_dict(assign=True) swaps the Parameters for the loaded tensors: share again."""
+    attention._repack()
 
 
 class GEGLU(nn.Module):
@@ -315,7 +430,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, context_dim, heads, head_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
-        self.gradient_checkpointing = False
+        self.checkpointing = "none"  # a CHECKPOINTING mode
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return _maybe_checkpoint(self, self._forward, x, context)
@@ -525,11 +640,31 @@ class UNet2DConditionModel(nn.Module):
             eps=cfg.norm_eps,
         )
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each resnet's and transformer block's activations in backward (in training)."""
+    def set_gradient_checkpointing(self, mode: bool | str) -> None:
+        """Recompute activations in backward (in training), per resnet and transformer block.
+
+        mode: "none" (False), "full" (True: recompute each block's whole forward) or "selective"
+        (transformer blocks keep their attention outputs and recompute the rest; resnets, which
+        have no attention, recompute fully).
+        """
+        mode = checkpointing_mode(mode)
         for m in self.modules():
-            if isinstance(m, ResnetBlock2D | BasicTransformerBlock):
-                m.gradient_checkpointing = enabled
+            if isinstance(m, BasicTransformerBlock):
+                m.checkpointing = mode
+            elif isinstance(m, ResnetBlock2D):
+                m.checkpointing = "none" if mode == "none" else "full"
+
+    def fuse_qkv(self) -> None:
+        """Fuse each self-attention's to_q/to_k/to_v and each cross-attention's to_k/to_v.
+
+        Call after loading the weights: one GEMM of N = 3 * inner per self-attention instead of
+        three (fills the GPU at batch 1). The state dict keeps the checkpoint names and values;
+        LoRAs on the fused projections run stacked (see Attention.fuse_projections).
+        """
+        for m in self.modules():
+            if isinstance(m, BasicTransformerBlock):
+                m.attn1.fuse_projections(QKV)
+                m.attn2.fuse_projections(KV)
 
     def embed_time(
         self,

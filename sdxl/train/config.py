@@ -9,6 +9,7 @@ from sdxl.errors import UserError
 PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction")
+COMPILE_MODES = ("full", "regional")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     use_ema: bool = False
     ema_decay: float = 0.9999
+    # speed (sdxl/train/step.py); compile None = on for CUDA, off on the CPU. CUDA graphs are
+    # opt-in (None = wherever the step can be captured) until a GPU run has verified them.
+    compile: bool | None = None
+    compile_mode: str = "full"
+    cuda_graphs: bool | None = False
     # objective
     prediction_type: str | None = None  # None: the model's (scheduler_config.json)
     min_snr_gamma: float | None = None
@@ -76,6 +82,7 @@ class TrainConfig:
     def __post_init__(self):
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if self.prediction_type is not None:
             _choice("prediction_type", self.prediction_type, PREDICTIONS)
         for key in ("batch_size", "gradient_accumulation_steps", "num_epochs", "lora_rank",

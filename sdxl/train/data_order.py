@@ -1,9 +1,11 @@
 """The order of training samples: a pure function of (seed, epoch), so resume is exact.
 
 Batches hold samples of one aspect bucket (static shapes per bucket). Every random choice of a
-step (latent sample, noise, timestep, caption dropout, flip) is drawn on the CPU from a
-generator keyed by (seed, epoch, batch) for the whole global batch, then each rank takes its
-slice: the result does not depend on the number of processes or on interruptions.
+step (latent sample, noise, timestep, caption dropout, flip) is drawn on the training device
+from a generator keyed by (seed, epoch, batch) for the whole padded global batch (per-GPU
+batch x processes rows), then each rank takes its fixed rows: the result does not depend on
+the number of processes or on interruptions. (The draws differ between CPU and CUDA, whose
+generators differ; a run resumes on the device kind it started on.)
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 
-def step_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
-    """A CPU generator for one global batch."""
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
+def step_generator(
+    seed: int, epoch: int, batch: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator on `device` for one global batch (seeding it is a host call, not a sync)."""
+    g = torch.Generator(device)
+    return g.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
 
 
 def epoch_batches(
@@ -24,8 +29,8 @@ def epoch_batches(
     """Shuffle within each bucket, cut into global batches, shuffle the batches.
 
     `batch_size` is the global batch (per-GPU batch x number of processes). No sample is ever
-    dropped: a bucket's last batch may be short, and ranks whose share of it is empty take part
-    in the step with zero gradients, so N processes at batch b equal 1 process at batch N*b.
+    dropped: a bucket's last batch may be short; it is padded to the full batch with weight-0
+    rows (see `rank_rows`), so N processes at batch b equal 1 process at batch N*b.
     """
     g = torch.Generator("cpu").manual_seed(seed * 7919 + epoch)
     batches = []
@@ -38,8 +43,10 @@ def epoch_batches(
     return [batches[i] for i in order]
 
 
-def rank_slice(n: int, rank: int, world: int) -> slice:
-    """Contiguous share of a global batch of n samples for `rank` (sizes differ by at most 1)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
+def rank_rows(rank: int, per_rank: int) -> slice:
+    """This rank's fixed rows of the padded global batch; rows past the real samples are padding.
+
+    Fixed rows (not a share of the real samples) keep every step's shapes static; a rank whose
+    rows are all padding still runs the step and sends zero gradients to the sum.
+    """
+    return slice(rank * per_rank, (rank + 1) * per_rank)

@@ -1,8 +1,8 @@
 """Multi-process training under torchrun: which device this rank uses and how grads are summed.
 
 LoRA gradients are small, so they are summed with one all_reduce per optimizer step instead of
-wrapping the UNet in DDP; each rank's loss is already divided by the global sample count, so
-the sum equals single-process training on the same global batch exactly.
+wrapping the UNet in DDP; each rank's loss is already divided by the global (real) sample
+count, so the sum equals single-process training on the same global batch.
 """
 
 from __future__ import annotations
@@ -46,33 +46,14 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, dev)
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks (one flat buffer, one collective).
+def all_reduce_sum_(flat: torch.Tensor) -> None:
+    """Sum one flat buffer (the step's gradients and loss rows) over ranks, in place.
 
-    A rank that had no sample in this step (its share of a short batch was empty) has no
-    gradients yet: it sends zeros, so every rank joins the same collective.
+    One collective per optimizer step, on a preallocated buffer: no concatenation or copies,
+    and capturable in a CUDA graph (NCCL). A rank whose rows were all padding sends zeros.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def global_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over all ranks' samples (for logging the loss of the global batch)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values.mean()
-    total = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
-    dist.all_reduce(total)
-    return total[0] / total[1]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat)
 
 
 def barrier() -> None:

@@ -14,8 +14,11 @@ class LoRAEMA:
         self.shadow = [p.detach().clone().float() for p in params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+    def update(self, skip: torch.Tensor | None = None) -> None:
+        """One decay step; `skip` (0-d, 1.0 = the update was skipped) makes it a no-op on device."""
+        # A tensor weight keeps the skip on the device: no host sync, CUDA-graph safe.
+        weight = 1 - self.decay if skip is None else (1 - skip) * (1 - self.decay)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

@@ -1,7 +1,7 @@
 """A test-only pause point, so the kill -9 tests can stop a trainer at an exact place.
 
 Set SDXL_TRAIN_PAUSE_AT to a point name ("cache": latents built, text not yet; "step-N":
-inside optimizer step N, after its backward passes; "checkpoint:<file name>": that checkpoint
+inside optimizer step N, its batch staged, before its update; "checkpoint:<file name>": that checkpoint
 is written to its temp file but not yet renamed) and
 SDXL_TRAIN_PAUSE_FILE to a path: the trainer writes its pid there on reaching that point and
 then waits to be killed. Unset (always, outside tests), a pause point does nothing.

@@ -16,6 +16,7 @@ from sdxl.errors import UserError
 from sdxl.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
 from sdxl.schedulers import NoiseSchedule
 from sdxl.train import distributed
+from sdxl.train.batches import read_ahead, read_rows
 from sdxl.train.caches import (
     Caches,
     changed_settings,
@@ -37,14 +38,15 @@ from sdxl.train.checkpoint import (
     step_checkpoint_path,
 )
 from sdxl.train.config import TrainConfig, for_model
-from sdxl.train.data_order import epoch_batches, rank_slice, step_generator
+from sdxl.train.data_order import epoch_batches, step_generator
 from sdxl.train.ema import LoRAEMA
 from sdxl.train.export import RunFacts, optimizer_name, write_lora_files
 from sdxl.train.hooks import pause_point
 from sdxl.train.launch import output_lock
 from sdxl.train.loss import draw_step_noise, per_sample_loss
 from sdxl.train.metrics import MetricsLog
-from sdxl.train.optim import lr_at, make_optimizer, set_lr
+from sdxl.train.optim import lr_at, make_optimizer
+from sdxl.train.step import TrainStep, train_step
 from sdxl.utils import atomic_write_text, to_dtype
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Trainer:
         self._build_model()
         self.position = Position()
         self._resume()
+        self.step = self._make_step()
 
     def _build_model(self) -> None:
         from sdxl.weights import load_component
@@ -190,65 +193,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def collate(self, indices: list[int], rnd) -> dict:
-        """Stack cached samples (choosing flipped variants by the step's draw) on the device."""
-        items = [self.data[self.partner[i] if flip else i]
-                 for i, flip in zip(indices, rnd.flip.tolist(), strict=True)]  # fmt: skip
-        empty_embeds, empty_pooled = self.data.empty_text()
-        batch = {k: torch.stack([it[k] for it in items])
-                 for k in ("mean", "std", "prompt_embeds", "pooled", "time_ids")}  # fmt: skip
-        batch["empty_embeds"] = empty_embeds.expand_as(batch["prompt_embeds"])
-        batch["empty_pooled"] = empty_pooled.expand_as(batch["pooled"])
-        batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
-        batch["keys"] = [it["key"] for it in items]
-        return batch
+    def _make_step(self) -> TrainStep:
+        """The step's preallocated state (built after a resume, which replaces optimizer state)."""
+        empty = tuple(t.to(self.dist.device) for t in self.data.empty_text())
+        return TrainStep(self.unet, self.params, self.optimizer, self.schedule, self.cfg,
+                         self.dist, per_sample_loss, empty, scaler=self.scaler,
+                         ema=self.ema)  # fmt: skip
 
-    def optimizer_step(self, group: list[tuple[int, list[int]]], epoch: int) -> dict:
-        """Accumulate over the micro-batches in `group`, then one clipped optimizer update."""
-        cfg = self.cfg
-        set_lr(self.optimizer, lr_at(self.position.step + 1, cfg, self.total_steps()))
-        losses, keys = [], []
-        for batch_index, global_batch in group:
-            first = self.data[global_batch[0]]
-            rnd = draw_step_noise(step_generator(cfg.seed, epoch, batch_index), len(global_batch),
-                                  tuple(first["mean"].shape), cfg)  # fmt: skip
-            mine = rank_slice(len(global_batch), self.dist.rank, self.dist.world)
-            if mine.start == mine.stop:  # this rank's share of a short batch is empty
-                continue
-            batch = self.collate(global_batch[mine], rnd.take(mine))
-            per_sample = per_sample_loss(
-                self.unet, batch, rnd.take(mine), self.schedule, cfg, self.dtype
-            )
-            loss = per_sample.sum() / (len(global_batch) * len(group))
-            self.scaler.scale(loss).backward()
-            losses.append(per_sample.detach())
-            keys += batch["keys"]
+    def read_group(self, group: list[tuple[int, list[int]]]) -> list[dict]:
+        """This rank's padded rows of each micro-batch of `group` (runs in the read-ahead thread)."""
+        pin = self.dist.device.type == "cuda"
+        return [read_rows(self.data, self.partner, batch, self.dist.rank, self.cfg.batch_size,
+                          len(group), pin) for _, batch in group]  # fmt: skip
+
+    def optimizer_step(self, group: list[tuple[int, list[int]]], host: list[dict],
+                       epoch: int) -> dict:  # fmt: skip
+        """Draw the group's noise on the device, stage its micro-batches, one `train_step`."""
+        cfg, device = self.cfg, self.dist.device
+        self.step.set_lr(lr_at(self.position.step + 1, cfg, self.total_steps()))
+        micro, flips = [], []
+        for slot, ((batch_index, _), rows) in enumerate(zip(group, host, strict=True)):
+            g = step_generator(cfg.seed, epoch, batch_index, device)
+            rnd = draw_step_noise(g, cfg.batch_size * self.dist.world,
+                                  tuple(rows["mean"].shape[1:]), cfg)  # fmt: skip
+            micro.append(self.step.stage(rows, rnd, slot))
+            flips.append(rnd.flip)
         pause_point(f"step-{self.position.step + 1}")
-        distributed.all_reduce_grads(self.params)
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        per_sample = torch.cat(losses) if losses else torch.zeros(0, device=self.dist.device)
-        skipped = not bool(torch.isfinite(grad_norm))  # one host sync per optimizer step
-        if skipped and self.dtype != torch.float16:
-            bad = [
-                k for k, v in zip(keys, per_sample.tolist(), strict=True) if not math.isfinite(v)
-            ]
-            log.warning("step %d: non-finite gradients, update skipped; samples with non-finite "
-                        "loss: %s", self.position.step + 1, bad or "none (overflow in backward)")  # fmt: skip
-        else:
-            self.scaler.step(self.optimizer)  # skips by itself on fp16 overflow
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema and not skipped:
-            self.ema.update()
-        return {"loss": distributed.global_mean(per_sample), "grad_norm": grad_norm, "skipped": skipped,
+        out = train_step(self.step, micro)
+        return {"out": out, "batches": [b for _, b in group], "flips": flips,
                 "images": sum(len(b) for _, b in group)}  # fmt: skip
 
-    def guarded_step(self, group: list[tuple[int, list[int]]], epoch: int) -> dict:
+    def guarded_step(self, group: list[tuple[int, list[int]]], host: list[dict],
+                     epoch: int) -> dict:  # fmt: skip
         """optimizer_step, with running out of GPU memory turned into what to change."""
         try:
-            return self.optimizer_step(group, epoch)
+            return self.optimizer_step(group, host, epoch)
         except torch.OutOfMemoryError as err:
             width, height = self.data.samples[group[0][1][0]]["bucket"]
             raise UserError(
@@ -283,15 +262,17 @@ class Trainer:
             batches = list(enumerate(self.epoch_batches(epoch)))
             accum = cfg.gradient_accumulation_steps
             groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
-            for group in groups[self.position.step_in_epoch :]:
-                out = self.guarded_step(group, epoch)
+            todo = groups[self.position.step_in_epoch :]
+            for group, host in zip(todo, read_ahead(self.read_group, todo), strict=True):
+                out = self.guarded_step(group, host, epoch)
                 self.position.step += 1
                 self.position.step_in_epoch += 1
                 window.append(out)
                 bar.update(1)
                 step = self.position.step
-                if metrics and (step % cfg.log_interval == 0 or step == total):
-                    t0 = self._log(metrics, window, epoch, time.perf_counter() - t0, bar)
+                if step % cfg.log_interval == 0 or step == total:  # the only host syncs
+                    if metrics:
+                        t0 = self._log(metrics, window, epoch, time.perf_counter() - t0, bar)
                     window = []
                 if validator and cfg.validation_interval and step % cfg.validation_interval == 0:
                     metrics.log_images(step, validator.run(self.unet, step, self.out))
@@ -320,21 +301,47 @@ class Trainer:
     def _log(
         self, metrics: MetricsLog, window: list[dict], epoch: int, seconds: float, bar
     ) -> float:
-        loss = torch.stack([w["loss"] for w in window]).mean().item()
+        """One metrics row for the steps in `window`: their results are read back here."""
+        losses = [self._step_loss(w) for w in window]
+        skipped = [bool(w["out"].skipped) for w in window]
+        if self.dtype != torch.float16:  # fp16 overflow skips are the loss scaler's normal work
+            for k, w in enumerate(window):
+                if skipped[k]:
+                    self._warn_non_finite(w, self.position.step - len(window) + k + 1)
+        loss = sum(losses) / len(losses)
         row = {
             "step": self.position.step,
             "epoch": epoch,
             "loss": round(loss, 6),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": round(float(window[-1]["grad_norm"]), 6),
+            "lr": lr_at(self.position.step, self.cfg, self.total_steps()),
+            "grad_norm": round(float(window[-1]["out"].grad_norm), 6),
             "images_per_s": round(sum(w["images"] for w in window) / max(seconds, 1e-9), 3),  # global
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if self.dist.device.type == "cuda" else "",
-            "skipped": sum(w["skipped"] for w in window),
+            "skipped": sum(skipped),
         }  # fmt: skip
         metrics.log(row)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
         return time.perf_counter()
+
+    @staticmethod
+    def _step_loss(w: dict) -> float:
+        """Mean loss over the real samples of one step (padding rows excluded)."""
+        rows = w["out"].losses.tolist()
+        real = [v for batch, r in zip(w["batches"], rows, strict=True) for v in r[: len(batch)]]
+        return sum(real) / len(real)
+
+    def _warn_non_finite(self, w: dict, step: int) -> None:
+        """Name the samples whose loss was not finite in a skipped step."""
+        bad = []
+        for batch, rows, flips in zip(
+            w["batches"], w["out"].losses.tolist(), w["flips"], strict=True
+        ):
+            for i, value, flip in zip(batch, rows, flips.tolist(), strict=False):
+                if not math.isfinite(value):
+                    bad.append(self.data.samples[self.partner[i] if flip else i]["key"])
+        log.warning("step %d: non-finite gradients, update skipped; samples with non-finite "
+                    "loss: %s", step, bad or "none (overflow in backward)")  # fmt: skip
 
     def _finish(self, metrics: MetricsLog | None) -> None:
         """Write lora_final.{pt,safetensors} (EMA weights when EMA is on) and checkpoint_final.pt."""
@@ -356,7 +363,8 @@ class Trainer:
 RESUME_SAFE = {"output_dir", "resume_from", "device", "log_interval", "wandb_project", "wandb_run_name",
                "validation_prompts", "validation_interval", "num_validation_images",
                "validation_guidance_scale", "validation_steps", "checkpoint_steps", "save_interval",
-               "num_epochs", "max_steps", "data_dir", "cache_batch_size"}  # fmt: skip
+               "num_epochs", "max_steps", "data_dir", "cache_batch_size",
+               "compile", "compile_mode", "cuda_graphs"}  # fmt: skip
 
 
 def check_resumable(

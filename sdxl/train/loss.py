@@ -12,7 +12,7 @@ from sdxl.train.config import TrainConfig
 
 @dataclass
 class StepNoise:
-    """All randomness of one global batch, drawn on the CPU (see data_order)."""
+    """All randomness of one global batch, drawn on the generator's device (see data_order)."""
 
     latent: torch.Tensor  # (B, C, h, w) to sample mean + std * latent
     noise: torch.Tensor  # (B, C, h, w)
@@ -27,13 +27,18 @@ class StepNoise:
 def draw_step_noise(
     g: torch.Generator, batch: int, shape: tuple[int, int, int], cfg: TrainConfig
 ) -> StepNoise:
-    """Draw in a fixed order so the same generator always yields the same step."""
-    latent = torch.randn((batch, *shape), generator=g)
-    noise = torch.randn((batch, *shape), generator=g)
-    offset = torch.randn((batch, shape[0], 1, 1), generator=g)
-    timesteps = torch.randint(cfg.timestep_min, cfg.timestep_max, (batch,), generator=g)
-    drop = torch.rand(batch, generator=g) < cfg.caption_dropout
-    flip = torch.rand(batch, generator=g) < 0.5
+    """Draw in a fixed order so the same generator always yields the same step.
+
+    Everything is drawn on the generator's device, so a CUDA step needs no host-to-device copy
+    of its noise and no host sync.
+    """
+    dev = g.device
+    latent = torch.randn((batch, *shape), generator=g, device=dev)
+    noise = torch.randn((batch, *shape), generator=g, device=dev)
+    offset = torch.randn((batch, shape[0], 1, 1), generator=g, device=dev)
+    timesteps = torch.randint(cfg.timestep_min, cfg.timestep_max, (batch,), generator=g, device=dev)
+    drop = torch.rand(batch, generator=g, device=dev) < cfg.caption_dropout
+    flip = torch.rand(batch, generator=g, device=dev) < 0.5
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * offset  # offset noise (Guttenberg 2023)
     return StepNoise(latent, noise, timesteps, drop, flip)

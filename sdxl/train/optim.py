@@ -15,7 +15,12 @@ from sdxl.train.config import TrainConfig
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with fp32 states, or bitsandbytes' 8-bit AdamW when asked."""
+    """AdamW with fp32 states, or bitsandbytes' 8-bit AdamW when asked.
+
+    torch's AdamW is the fused kernel with a tensor learning rate: its step can be skipped on
+    the device (`found_inf`, as GradScaler does) and, capturable on CUDA, it can be replayed in
+    a CUDA graph. Where the build has no fused kernel for the device it is the plain AdamW.
+    """
     kwargs = dict(
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -31,7 +36,18 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
                 "(CUDA only), or drop the flag to use AdamW"
             ) from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    device = params[0].device
+    lr = torch.tensor(cfg.learning_rate, device=device)
+    try:
+        return torch.optim.AdamW(params, fused=True, capturable=device.type == "cuda",
+                                 **{**kwargs, "lr": lr})  # fmt: skip
+    except RuntimeError:  # this build has no fused AdamW for the device
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours an on-device `found_inf` flag (torch's fused kernels)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -49,5 +65,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; a tensor rate is filled in place (graphs read it there)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
