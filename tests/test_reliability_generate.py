@@ -399,3 +399,21 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(
         proc.kill()
     assert main(argv) == 0
     assert _snapshot(out) == _snapshot(uninterrupted)
+
+
+def test_a_million_prompts_sort_in_order_and_plan_without_opening_files(tmp_path, monkeypatch):
+    """1M prompts: file names sort in index order, and planning a fresh folder opens no PNG."""
+    from sdxl.generate import run
+
+    prompts = tuple(f"prompt {i % 1000}" for i in range(1_000_000))
+    cfg = run.GenerateConfig(pretrained_model="builtin:tiny", output_dir=str(tmp_path / "out"),
+                             prompts=prompts)  # fmt: skip
+    stems = [cfg.file_stem(i) for i in (0, 9, 10, 99_999, 100_000, 999_999)]
+    assert stems == sorted(stems) and {len(s) for s in stems} == {6}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{cfg.file_stem(3)}.png").write_bytes(b"not a png")  # a damaged one
+    opened = []
+    monkeypatch.setattr(run, "is_done", lambda path, meta: opened.append(path.name) or False)
+    indices = list(range(200_000))
+    assert run.pending_indices(cfg, indices) == indices
+    assert opened == ["000003.png"]  # only the file that exists was looked at
