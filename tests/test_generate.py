@@ -199,6 +199,28 @@ def test_lora_changes_images_and_matches_diffusers(tiny_dir, tmp_path, one_worke
         assert diff <= 2, (name, diff)
 
 
+def test_fused_qkv_with_a_merged_lora_gives_the_same_images(
+    tiny_dir, tmp_path, trained_lora, monkeypatch
+):
+    """--fused-qkv: the LoRA merges into the fused weight; images as unfused (float order aside)."""
+    from sdxl.models.unet import UNet2DConditionModel
+
+    lora = ((str(trained_lora), 0.8),)
+    plain, fused = (tmp_path / "plain", tmp_path / "fused")
+    generate_dataset(_cfg(tiny_dir, plain, prompts=PROMPTS[:2], loras=lora), 1)
+    fuse, fused_models = UNet2DConditionModel.fuse_qkv, []
+    monkeypatch.setattr(UNet2DConditionModel, "fuse_qkv",
+                        lambda self: fused_models.append(self) or fuse(self))  # fmt: skip
+    generate_dataset(_cfg(tiny_dir, fused, prompts=PROMPTS[:2], loras=lora, fused_qkv=True), 1)
+    assert len(fused_models) == 1
+    a, b = _pixels(plain), _pixels(fused)
+    assert a.keys() == b.keys()
+    assert max(np.abs(a[k].astype(np.int16) - b[k].astype(np.int16)).max() for k in a) <= 1
+    # Recorded in the images: the plain folder rerun fused regenerates, never mixes the kinds.
+    assert generate_dataset(_cfg(tiny_dir, plain, prompts=PROMPTS[:2], loras=lora,
+                                 fused_qkv=True), 1) == 2  # fmt: skip
+
+
 def test_same_lora_path_with_other_weights_regenerates(tiny_dir, tmp_path, trained_lora):
     from safetensors.torch import load_file, save_file
 

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels-last", action="store_true", help="NHWC UNet/VAE weights (may be faster on GPUs)"
     )
+    p.add_argument(
+        "--fused-qkv", action="store_true", help="run each attention's q/k/v as one GEMM"
+    )
     add_debug_flag(p)
     return p
 
@@ -123,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         precision=args.precision, device=args.device, save_metadata=args.save_metadata,
         output_format=args.output_format, loras=tuple(zip(args.lora_checkpoint, scales, strict=True)),
         merge_loras=not args.no_merge_lora, compile=args.compile, channels_last=args.channels_last,
+        fused_qkv=args.fused_qkv,
     )  # fmt: skip
 
 

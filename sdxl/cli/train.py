@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", default=d.precision, choices=PRECISIONS)
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     a(
+        "--checkpointing_mode",
+        default=d.checkpointing_mode,
+        choices=["full", "selective"],
+        help="with --gradient_checkpointing: recompute whole blocks, or keep attention outputs",
+    )
+    a("--fused_qkv", action="store_true", help="run each attention's q/k/v as one GEMM")
+    a(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -67,6 +67,7 @@ class GenerateConfig:
     # Speed only, not in the images' metadata (kernel choices, like batch size; see FastPath):
     compile: bool | None = None  # torch.compile + CUDA graphs; None: on for CUDA, off on CPU
     channels_last: bool = False  # NHWC UNet/VAE weights
+    fused_qkv: bool = False  # one GEMM for each attention's q/k/v
 
     def __post_init__(self):
         from sdxl.pipeline import check_image_size
@@ -160,6 +161,9 @@ def image_meta(cfg: GenerateConfig, index: int) -> dict:
         "lora": ", ".join(f"{Path(p).name}:{s:g}" for p, s in cfg.loras),
         "precision": cfg.precision,
         **cfg.identity,
+        # Fused q/k/v GEMMs round differently (a pixel may move by 1/255): recorded, so a rerun
+        # never mixes images of both kinds. Compile and CUDA graphs leave fp32 pixels as they are.
+        **({"fused_qkv": True} if cfg.fused_qkv else {}),
     }
 
 
@@ -201,6 +205,8 @@ def load_generation_pipeline(cfg: GenerateConfig, device: str):
 
     dtype = "fp32" if device == "cpu" else cfg.precision
     pipe = load_pipeline(cfg.pretrained_model, device=device, dtype=dtype)
+    if cfg.fused_qkv:
+        pipe.unet.fuse_qkv()  # before the LoRAs: merging writes into the fused weight
     if cfg.loras:
         states = [(load_lora_file(path, pipe.unet)[0], scale) for path, scale in cfg.loras]
         apply_loras(pipe.unet, states, merge=cfg.merge_loras)

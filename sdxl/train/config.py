@@ -9,6 +9,7 @@ from sdxl.errors import UserError
 PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction")
+CHECKPOINTING_MODES = ("full", "selective")  # what gradient_checkpointing recomputes
 COMPILE_MODES = ("full", "regional")
 
 
@@ -50,6 +51,8 @@ class TrainConfig:
     compile: bool | None = None
     compile_mode: str = "full"
     cuda_graphs: bool | None = False
+    checkpointing_mode: str = "full"  # with gradient_checkpointing: full or selective recompute
+    fused_qkv: bool = False  # one GEMM for each attention's q/k/v (files keep the names)
     # objective
     prediction_type: str | None = None  # None: the model's (scheduler_config.json)
     min_snr_gamma: float | None = None
@@ -83,6 +86,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("checkpointing_mode", self.checkpointing_mode, CHECKPOINTING_MODES)
         if self.prediction_type is not None:
             _choice("prediction_type", self.prediction_type, PREDICTIONS)
         for key in ("batch_size", "gradient_accumulation_steps", "num_epochs", "lora_rank",

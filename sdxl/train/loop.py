@@ -85,7 +85,11 @@ class Trainer:
 
         cfg, device = self.cfg, self.dist.device
         self.unet = load_component(self.model_dir, "unet", dtype=self.dtype, device=device)
-        self.unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        if cfg.fused_qkv:
+            self.unet.fuse_qkv()  # before the LoRA goes in: it stacks on the fused weight
+        self.unet.set_gradient_checkpointing(
+            cfg.checkpointing_mode if cfg.gradient_checkpointing else "none"
+        )
         lora_cfg = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                               target=cfg.lora_target, conv=cfg.lora_conv)  # fmt: skip
         with torch.random.fork_rng(devices=[]):
@@ -364,7 +368,8 @@ RESUME_SAFE = {"output_dir", "resume_from", "device", "log_interval", "wandb_pro
                "validation_prompts", "validation_interval", "num_validation_images",
                "validation_guidance_scale", "validation_steps", "checkpoint_steps", "save_interval",
                "num_epochs", "max_steps", "data_dir", "cache_batch_size",
-               "compile", "compile_mode", "cuda_graphs"}  # fmt: skip
+               "compile", "compile_mode", "cuda_graphs", "checkpointing_mode",
+               "fused_qkv", "gradient_checkpointing"}  # fmt: skip
 
 
 def check_resumable(
