@@ -24,8 +24,9 @@ LATENT_SHARDS = [f"{k:05d}" for k in range(config["cache"]["latents"]["shards"])
 GENERATE_SHARDS = [str(k) for k in range(config["generate"]["shards"])]
 
 # The library modules (under sdxl/) each stage imports. They are declared as inputs, so a
-# code change reruns exactly the stages whose results it can change. The GPU allocator is
-# left out on purpose: which device ran a job does not change its results.
+# code change reruns exactly the stages whose results it can change. Left out on purpose, as
+# they cannot change a result: the GPU allocator (devices.py), process hygiene (procs.py:
+# locks, watchdogs), error messages (errors.py, cli/errors.py) and the test pause hook.
 CODE = {
     "weights": ["prepare.py", "hub.py", "weights.py", "convert.py", "utils.py"],
     "tiny": [

@@ -13,7 +13,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from sdxl.errors import UserError
+from sdxl.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def check_reachable(repo_id: str, timeout: float = 10.0) -> None:
     except Exception as err:  # any failure of the HTTP client (httpx, requests): unreachable
         raise HubError(
             f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {repo_id}: "
-            f"{_first_line(err)}; {ways_out(repo_id)}"
+            f"{one_line(err)}; {ways_out(repo_id)}"
         ) from None
 
 
@@ -156,11 +156,11 @@ def hub_call(fn, repo_id: str, revision: str | None = None, retries: int = 1):
             if attempt == retries - 1:
                 raise HubError(
                     f"downloading {repo_id} failed after {retries} attempt(s): "
-                    f"{_first_line(err)}; the files fetched so far are kept, so a rerun "
+                    f"{one_line(err)}; the files fetched so far are kept, so a rerun "
                     f"resumes (raise weights.retries for a flaky network; {ways_out(repo_id)})"
                 ) from None
             wait = 2**attempt
-            log.warning("download error (%s); retrying in %ss", _first_line(err), wait)
+            log.warning("download error (%s); retrying in %ss", one_line(err), wait)
             time.sleep(wait)
 
 
@@ -216,10 +216,6 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(found)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 def fetch_config_files(local_dir: str | Path | None = None, repo_id: str = SDXL_BASE_REPO) -> Path:

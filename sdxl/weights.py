@@ -414,7 +414,7 @@ def model_identity(source: str | Path) -> str:
     """
     path = check_model_source(source)
     root = path if path.is_dir() else path.parent
-    files = [path] if path.is_file() else _model_files(path)
+    files = [path] if path.is_file() else model_files(path)
     manifest = path / "manifest.json"
     use_manifest = path.is_dir() and manifest.is_file()
     lines = [manifest.read_text()] if use_manifest else []
@@ -425,7 +425,7 @@ def model_identity(source: str | Path) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _model_files(folder: Path) -> list[Path]:
+def model_files(folder: Path) -> list[Path]:
     """The files of a model folder, without hidden ones (download caches, locks)."""
     return sorted(
         p

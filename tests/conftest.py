@@ -19,3 +19,13 @@ def tiny_dir(tmp_path_factory):
     folder = write_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
     os.environ["SDXL_TINY_DIR"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def base_state() -> dict[str, torch.Tensor]:
+    """Seeded random weights of the tiny UNet (the LoRA and fused-attention tests share them)."""
+    from sdxl.models.configs import TINY
+    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])).state_dict()

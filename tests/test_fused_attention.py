@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_lora import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdxl.lora import (
@@ -22,16 +23,6 @@ from sdxl.lora_formats import load_lora_file, save_kohya
 from sdxl.models import unet as unet_module
 from sdxl.models.configs import TINY
 from sdxl.models.unet import KV, QKV, Attention, UNet2DConditionModel, UNetConfig
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(scope="module")
-def base_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])).state_dict()
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(scope="module")
-def base_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])).state_dict()
-
-
 def ours(base_state, dtype=torch.float32) -> UNet2DConditionModel:
     """A fresh tiny UNet of ours with the shared base weights."""
     with torch.device("meta"):

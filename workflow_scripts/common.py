@@ -47,15 +47,12 @@ def _one_line_errors(kind, err, tb) -> None:
     snakemake --show-failed-logs then shows the reason itself, not the end of a traceback.
     SDXL_DEBUG=1 keeps the traceback; anything unexpected (a bug) always keeps it.
     """
-    from sdxl.cli.errors import EXPECTED, one_line
+    from sdxl.errors import EXPECTED, report
 
     if not issubclass(kind, EXPECTED) or os.environ.get("SDXL_DEBUG"):
         sys.__excepthook__(kind, err, tb)
         return
-    details = str(err).strip().splitlines()[1:]
-    if details:
-        logging.error("details:\n%s", "\n".join(details))
-    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    report(err)
 
 
 def precision(claim, wanted: str) -> str:

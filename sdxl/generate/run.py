@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sdxl.cli.errors import EXPECTED  # what the user caused and can fix
-from sdxl.errors import UserError
+from sdxl.errors import EXPECTED, UserError, one_line
 from sdxl.generate.coco import remove_dataset_files, write_dataset_files
 from sdxl.generate.writers import (
     BackgroundWriter,
@@ -296,7 +295,7 @@ def _worker(cfg: GenerateConfig, indices: list[int], device: str, rank: int, thr
             torch.set_num_threads(threads)
         _make_images(cfg, indices, device, position=rank)
     except BaseException as err:
-        message = str(err).strip().splitlines()[0] if isinstance(err, EXPECTED) else None
+        message = one_line(err) if isinstance(err, EXPECTED) else None
         errors.put((rank, message, traceback.format_exc()))
         raise SystemExit(1) from None
 

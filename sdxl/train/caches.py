@@ -123,7 +123,9 @@ def file_stats(root: Path, rels: list[Path]) -> dict[str, list[int]]:
 
 
 def _folder_stats(folder: Path, prefix: str) -> dict[str, list[int]]:
-    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    from sdxl.weights import model_files
+
+    files = [p.relative_to(folder) for p in model_files(folder)]
     return {f"{prefix}/{k}": v for k, v in file_stats(folder, files).items()}
 
 
