@@ -12,6 +12,8 @@ rule cache_latents:
         meta=f"{CACHE_DIR}/latents/shard-{{shard}}.json",
     log:
         log_file("cache_latents/shard-{shard}"),
+    benchmark:
+        benchmark_file("cache_latents/shard-{shard}")
     conda:
         "../envs/torch.yaml"
     threads: 4
@@ -36,6 +38,8 @@ rule merge_latents:
         index=f"{CACHE_DIR}/latents/index.json",
     log:
         log_file("merge_latents"),
+    benchmark:
+        benchmark_file("merge_latents")
     conda:
         "../envs/torch.yaml"
     message:
@@ -53,6 +57,8 @@ rule cache_text:
         index=f"{CACHE_DIR}/text/index.json",
     log:
         log_file("cache_text"),
+    benchmark:
+        benchmark_file("cache_text")
     conda:
         "../envs/torch.yaml"
     threads: 4

@@ -1,14 +1,18 @@
 # Shared helpers: config validation, output locations, and the library code each stage runs.
+import math
 import os
 
 from snakemake.utils import validate
 
-from sdxl.workflow_config import check_config
+from sdxl.generate.prompts import index_width
+from sdxl.train.config import RUNTIME_SETTINGS, VALIDATION_SETTINGS
+from sdxl.workflow_config import check_config, check_settings
 
 # check_config first: one line naming the bad key (snakemake's error dumps ~180 lines);
 # validate then fills in the schema's defaults.
 check_config(config, os.path.join(workflow.basedir, "schemas/config.schema.yaml"))
 validate(config, "../schemas/config.schema.yaml")
+check_settings(config)  # what the schema cannot say (one key against another)
 
 BUILTIN_TINY = "builtin:tiny"
 # What sdxl.data.dataset.scan_dataset reads (not imported: pandas and PIL would slow every
@@ -17,16 +21,26 @@ DATA_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".txt")
 WEIGHTS_DIR = "results/weights"
 CACHE_DIR = "results/cache"
 TRAIN_DIR = f"results/train/{config['run']}"
+VALIDATION_DIR = f"results/validation/{config['run']}"
 GENERATE_DIR = "results/generate"
+BENCHMARK_DIR = "results/benchmarks"
 DATASET_DIR = "results/dataset"
 LOG_DIR = "results/logs"
 LATENT_SHARDS = [f"{k:05d}" for k in range(config["cache"]["latents"]["shards"])]
-GENERATE_SHARDS = [str(k) for k in range(config["generate"]["shards"])]
+# Generate job k makes images [k * images_per_shard, (k + 1) * images_per_shard): fixed ranges, so
+# raising num_images adds jobs and leaves the finished ones as they are.
+IMAGES_PER_SHARD = config["generate"]["images_per_shard"]
+GENERATE_SHARDS = [
+    str(k)
+    for k in range(math.ceil(config["generate"]["num_images"] / IMAGES_PER_SHARD))
+]
 
 # The library modules (under sdxl/) each stage imports. They are declared as inputs, so a
 # code change reruns exactly the stages whose results it can change. Left out on purpose, as
 # they cannot change a result: the GPU allocator (devices.py), process hygiene (procs.py:
-# locks, watchdogs), error messages (errors.py, cli/errors.py) and the test pause hook.
+# locks, watchdogs), error messages (errors.py, cli/errors.py) and the test pause hook. The
+# generate jobs' code is recorded in every image (a code change remakes them all), so it leaves
+# out generate/assemble.py too: it only writes their shard-K.json, which assemble checks.
 CODE = {
     "weights": ["prepare.py", "hub.py", "weights.py", "convert.py", "utils.py"],
     "tiny": [
@@ -46,17 +60,21 @@ CODE = {
               "train/checkpoint.py", "train/step.py",
               "train/config.py", "train/data_order.py", "train/distributed.py", "train/ema.py",
               "train/export.py", "train/loop.py", "train/loss.py", "train/metrics.py",
-              "train/optim.py", "train/validation.py", "data/cache.py", "lora.py",
+              "train/optim.py", "train/snapshots.py", "data/cache.py", "lora.py",
               "lora_formats.py", "models/unet.py", "models/vae.py", "models/clip.py",
-              "schedulers.py", "pipeline.py", "text.py", "images.py", "weights.py", "convert.py",
-              "utils.py"],  # fmt: skip
+              "schedulers.py", "text.py", "weights.py", "convert.py", "utils.py"],  # fmt: skip
+    "validation": ["train/validation.py", "train/snapshots.py", "train/config.py", "pipeline.py",
+                   "schedulers.py", "lora.py", "lora_formats.py", "models/unet.py",
+                   "models/vae.py", "models/clip.py", "text.py", "images.py", "weights.py",
+                   "convert.py", "utils.py"],  # fmt: skip
     "generate": ["generate/prompts.py", "generate/run.py", "generate/writers.py", "pipeline.py",
                  "schedulers.py", "lora.py", "lora_formats.py", "models/unet.py",
                  "models/vae.py", "models/clip.py", "text.py", "weights.py", "convert.py",
                  "utils.py"],  # fmt: skip
-    "assemble": ["generate/coco.py", "generate/prompts.py", "generate/run.py",
+    "assemble": ["generate/assemble.py", "generate/coco.py", "generate/prompts.py", "generate/run.py",
                  "generate/writers.py", "images.py", "prepare.py", "utils.py"],  # fmt: skip
-    "report": ["report.py", "utils.py"],
+    "report": ["report/__init__.py", "report/charts.py", "report/images.py", "report/pages.py",
+               "report/readers.py", "data/dataset.py", "text.py", "images.py", "utils.py"],  # fmt: skip
 }
 
 
@@ -104,12 +122,63 @@ def prompts_file(wildcards):
 
 
 def train_settings():
-    """The training slice plus the image size the latents were cached at (one source of truth).
+    """What the LoRA learns, for how long, and which snapshots it keeps, plus the image size the
+    latents were cached at (one source of truth). A change reruns train_lora, which continues
+    from a checkpoint where the result equals a straight run (see sdxl/train/loop.py).
 
-    gpus is part of it: batch_size is per GPU, so the GPU count changes what is learned.
+    Left out, so they rerun nothing: speed and logging settings (read from the config by the
+    job) and the validation settings (the validate_lora rule's). gpus is in: batch_size is per
+    GPU, so the GPU count changes what is learned.
     """
-    return {**config["train"], "image_size": config["cache"]["latents"]["image_size"]}
+    skip = {*RUNTIME_SETTINGS, *VALIDATION_SETTINGS}
+    learned = {k: v for k, v in config["train"].items() if k not in skip}
+    return {**learned, "image_size": config["cache"]["latents"]["image_size"]}
+
+
+def validation_settings():
+    """What the validation grids depend on besides the LoRA files."""
+    train = config["train"]
+    return {
+        **{k: train[k] for k in VALIDATION_SETTINGS},
+        "seed": train["seed"],
+        "image_size": config["cache"]["latents"]["image_size"],
+    }
+
+
+def generation_settings():
+    """What every image depends on (its own index aside); not the image count (each job makes a
+    fixed range) nor speed-only settings (compile, channels_last: read from the config).
+    """
+    skip = {"num_images", "images_per_shard", "compile", "channels_last"}
+    return {k: v for k, v in config["generate"].items() if k not in skip}
+
+
+def shard_range(wildcards):
+    """[start, stop) of the images generate job `shard` makes."""
+    start = int(wildcards.shard) * IMAGES_PER_SHARD
+    return [start, min(start + IMAGES_PER_SHARD, config["generate"]["num_images"])]
+
+
+def benchmark_file(name):
+    """Snakemake's runtime and peak-memory record of a job (the report's Runtime page)."""
+    return os.path.join(BENCHMARK_DIR, f"{name}.tsv")
 
 
 def log_file(name):
     return os.path.join(LOG_DIR, f"{name}.log")
+
+
+def all_benchmarks():
+    """The benchmark file of every job of the DAG but the report's own, in pipeline order."""
+    run = config["run"]
+    names = ["weights", "validate_captions"]
+    names += [f"cache_latents/shard-{k}" for k in LATENT_SHARDS]
+    names += [
+        "merge_latents",
+        "cache_text",
+        f"train_lora/{run}",
+        f"validate_lora/{run}",
+    ]
+    names += [f"generate/shard-{k}" for k in GENERATE_SHARDS]
+    names += ["assemble", "record_config"]
+    return [benchmark_file(name) for name in names]

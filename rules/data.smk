@@ -9,6 +9,8 @@ rule validate_captions:
         html="results/data/problems.html",
     log:
         log_file("validate_captions"),
+    benchmark:
+        benchmark_file("validate_captions")
     conda:
         "../envs/torch.yaml"
     params:

@@ -5,20 +5,25 @@ rule generate:
         manifest=rules.weights.output.manifest,
         prompts=prompts_file,
         code=code("generate"),
-    # The images go to the folder beside this file (not declared, so a killed job resumes).
+    # The images go to the folder beside this file (not declared: a rerun keeps every image
+    # whose recorded parameters are still the ones asked for, untouched).
     output:
         done=f"{GENERATE_DIR}/shard-{{shard}}.json",
     log:
         log_file("generate/shard-{shard}"),
+    benchmark:
+        benchmark_file("generate/shard-{shard}")
     conda:
         "../envs/torch.yaml"
     threads: 4
     resources:
         gpu=1,
     params:
-        generate=config["generate"],
+        generate=generation_settings(),
+        indices=shard_range,
+        index_width=index_width(config["generate"]["num_images"]),
     message:
-        "Generating images, shard {wildcards.shard}"
+        "Generating images {params.indices[0]} to {params.indices[1]} (shard {wildcards.shard})"
     script:
         "../workflow_scripts/generate.py"
 
@@ -36,11 +41,15 @@ rule assemble:
         sheet=f"{DATASET_DIR}/contact_sheet.png",
     log:
         log_file("assemble"),
+    benchmark:
+        benchmark_file("assemble")
     conda:
         "../envs/torch.yaml"
     params:
-        generate=config["generate"],
+        generate=generation_settings(),
+        num_images=config["generate"]["num_images"],
+        index_width=index_width(config["generate"]["num_images"]),
     message:
-        "Assembling the generated images into one COCO dataset"
+        "Assembling the generated images into one COCO dataset (hard links, no copies)"
     script:
         "../workflow_scripts/assemble.py"

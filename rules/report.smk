@@ -9,6 +9,8 @@ rule record_config:
         config="results/config.json",
     log:
         log_file("record_config"),
+    benchmark:
+        benchmark_file("record_config")
     conda:
         "../envs/torch.yaml"
     params:
@@ -22,44 +24,69 @@ rule record_config:
 rule report:
     input:
         lora=rules.train_lora.output.lora,
+        validation=rules.validate_lora.output.index,
         config=rules.record_config.output.config,
-        problems=rules.validate_captions.output.html,
+        manifest=rules.validate_captions.output.manifest,
+        problems=rules.validate_captions.output.problems,
+        problems_html=rules.validate_captions.output.html,
+        latents=rules.merge_latents.output.index,
+        model=rules.weights.output.model,
+        shards=rules.assemble.input.shards,
+        metadata=rules.assemble.output.metadata,
         sheet=rules.assemble.output.sheet,
+        benchmarks=all_benchmarks(),
         code=code("report"),
     output:
+        training=report(
+            "results/report/training.html",
+            caption="../report/training.rst",
+            category="Training",
+        ),
         loss=report(
             "results/report/loss_curve.svg",
             caption="../report/loss_curve.rst",
             category="Training",
         ),
-        config=report(
-            "results/report/config.html",
-            caption="../report/config.rst",
-            category="Configuration",
-        ),
         validation=report(
-            directory("results/report/validation"),
-            patterns=["{name}.png"],
+            "results/report/validation_over_time.png",
             caption="../report/validation.rst",
-            category="Training",
-            subcategory="Validation grids",
-            labels={"grid": "{name}"},
+            category="Validation",
+        ),
+        data=report(
+            "results/report/data.html",
+            caption="../report/data.rst",
+            category="Dataset",
         ),
         problems=report(
             "results/report/problems.html",
             caption="../report/problems.rst",
             category="Dataset",
         ),
+        generation=report(
+            "results/report/generation.html",
+            caption="../report/generation.rst",
+            category="Generated dataset",
+        ),
         sheet=report(
             "results/report/contact_sheet.png",
             caption="../report/contact_sheet.rst",
             category="Generated dataset",
+        ),
+        runtime=report(
+            "results/report/runtime.html",
+            caption="../report/runtime.rst",
+            category="Runtime",
+        ),
+        config=report(
+            "results/report/config.html",
+            caption="../report/config.rst",
+            category="Configuration",
         ),
     log:
         log_file("report"),
     conda:
         "../envs/torch.yaml"
     message:
-        "Drawing the loss curve and collecting the report pieces"
+        "Drawing the report pages: training, validation, dataset, generation, runtime"
     script:
         "../workflow_scripts/report.py"

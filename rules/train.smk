@@ -5,14 +5,16 @@ rule train_lora:
         model=rules.weights.output.model,
         manifest=rules.weights.output.manifest,
         code=code("train"),
-    # Checkpoints and metrics.csv are not declared: Snakemake deletes the declared outputs of
-    # a failed job, and these are what a rerun of a killed job resumes from.
+    # Checkpoints, snapshots and metrics.csv are not declared: Snakemake deletes the declared
+    # outputs of a job before it reruns, and these are what a rerun continues from.
     output:
         lora=f"{TRAIN_DIR}/lora_final.safetensors",
         lora_pt=f"{TRAIN_DIR}/lora_final.pt",
         config=f"{TRAIN_DIR}/config.json",
     log:
         log_file(f"train_lora/{config['run']}"),
+    benchmark:
+        benchmark_file(f"train_lora/{config['run']}")
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -20,7 +22,35 @@ rule train_lora:
         gpu=config["train"]["gpus"],
     params:
         train=train_settings(),
+        run=config["run"],
     message:
-        "Training the LoRA of run {config[run]} (rerun after a kill: resumes from the last checkpoint)"
+        "Training the LoRA of run {params.run} (continues from its newest usable checkpoint)"
     script:
         "../workflow_scripts/train_lora.py"
+
+
+rule validate_lora:
+    input:
+        lora=rules.train_lora.output.lora,
+        model=rules.weights.output.model,
+        manifest=rules.weights.output.manifest,
+        code=code("validation"),
+    # The grids beside index.json are not declared: a rerun keeps those of unchanged snapshots.
+    output:
+        index=f"{VALIDATION_DIR}/index.json",
+    log:
+        log_file(f"validate_lora/{config['run']}"),
+    benchmark:
+        benchmark_file(f"validate_lora/{config['run']}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        validation=validation_settings(),
+        run=config["run"],
+    message:
+        "Drawing the validation grids of run {params.run} from its LoRA snapshots"
+    script:
+        "../workflow_scripts/validate_lora.py"

@@ -7,6 +7,8 @@ rule weights:
         manifest=f"{WEIGHTS_DIR}/manifest.json",
     log:
         log_file("weights"),
+    benchmark:
+        benchmark_file("weights")
     conda:
         "../envs/torch.yaml"
     params:

@@ -51,6 +51,13 @@ def check_yaml_file(path: str | os.PathLike) -> dict:
     return data or {}
 
 
+# Keys of earlier versions, and what replaced them.
+RENAMED = {
+    "generate.shards": "generate.images_per_shard replaced it (each generate job makes a fixed "
+    "range of that many images, so raising num_images only makes the new ones)",
+}
+
+
 def check_config(config: dict, schema_path: str | os.PathLike) -> None:
     """ConfigError naming the first key that is unknown or has a bad value, in one line."""
     from jsonschema import Draft202012Validator
@@ -63,6 +70,18 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> None:
         raise ConfigError(_describe(error))
 
 
+def check_settings(config: dict) -> None:
+    """ConfigError for settings that contradict each other (after the schema's defaults)."""
+    train = config["train"]
+    every, interval = train["save_every_n_steps"], train["validation_interval"]
+    if train["validation_prompts"] and interval and (not every or interval % every):
+        raise ConfigError(
+            f"config key 'train.validation_interval': {interval} must be a multiple of "
+            f"train.save_every_n_steps ({every}): the grids are drawn from the LoRA snapshots "
+            "saved every save_every_n_steps steps"
+        )
+
+
 def _describe(error) -> str:
     """One line for a jsonschema error: the dotted key, what is wrong, the fix if known."""
     where = ".".join(str(p) for p in error.absolute_path)
@@ -70,6 +89,8 @@ def _describe(error) -> str:
         known = error.schema.get("properties", {})
         unknown = sorted(set(error.instance) - set(known))
         key = f"{where}.{unknown[0]}" if where else unknown[0]
+        if key in RENAMED:
+            return f"config key {key!r} is no longer used: {RENAMED[key]}"
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
         return f"config key {key!r} is unknown; {hint} (see config.yaml for every key)"

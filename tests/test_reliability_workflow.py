@@ -261,10 +261,17 @@ def test_report_shows_hostile_strings_escaped_and_never_runs_them(finished):
     assert not [attrs for tag, attrs in tags.tags if tag == "img" and "onerror" in attrs]
     assert not MARKUP.search(report)  # not even inside a <script>: nothing unescaped
     pages = _embedded_pages(report)
-    assert set(pages) == {"results/report/config.html", "results/report/problems.html"}
+    names = ("config", "problems", "training", "data", "generation", "runtime")
+    assert set(pages) == {f"results/report/{name}.html" for name in names}
     for page in pages.values():
         parsed = _Tags(page)
-        assert not parsed.handlers() and "img" not in {tag for tag, _ in parsed.tags}
+        assert not parsed.handlers() and "script" not in {tag for tag, _ in parsed.tags}
+        images = [attrs for tag, attrs in parsed.tags if tag == "img"]
+        assert all(set(a) <= {"src", "alt", "width", "height", "title"} for a in images), images
+        assert all(a["src"].startswith("data:image/") for a in images)  # thumbnails only
+    generation_text = "".join(_Tags(pages["results/report/generation.html"]).text)
+    for n in (2, 5):  # negative prompt, a prompt
+        assert f"<img src=x onerror=alert({n})>" in generation_text  # shown, as text
     config_text = "".join(_Tags(pages["results/report/config.html"]).text)
     for n in (1, 2, 3, 4):  # data dir, negative prompt, prompt file, validation prompt
         assert f"<img src=x onerror=alert({n})>" in config_text  # shown, as text

@@ -40,13 +40,13 @@ TEST_CONFIG = "test-config.yaml"
 SETTINGS = {
     "data": {"policy": "fail"},
     "cache": {"latents": {"shards": 1}},
-    "generate": {"num_images": 4},
+    "generate": {"num_images": 4, "images_per_shard": 2},
     "train": {"gpus": 2},  # train_lora asks for two GPUs and runs torchrun
 }
 BAD_IMAGE = "examples/shapes/99_broken.png"
-SLURM_RULES = ["validate_captions", "cache_latents", "cache_text", "train_lora", "generate",
-               "generate", "assemble"]  # fmt: skip
-GPU_RULES = {"cache_latents", "cache_text", "train_lora", "generate"}
+SLURM_RULES = ["validate_captions", "cache_latents", "cache_text", "train_lora", "validate_lora",
+               "generate", "generate", "assemble"]  # fmt: skip
+GPU_RULES = {"cache_latents", "cache_text", "train_lora", "validate_lora", "generate"}
 LOCAL_RULE_LOGS = ["weights", "record_config", "merge_latents", "report"]
 
 
@@ -86,7 +86,8 @@ def start_local(workdir: Path) -> subprocess.Popen:
     """The same config locally: two fake GPUs shared out by the lock-file allocator."""
     cmd = [str(BIN / "snakemake"), "--configfile", DEMO_CONFIG, TEST_CONFIG, "--cores", "2",
            "--resources", "gpu=2", "--set-threads",
-           "cache_latents=1", "cache_text=1", "train_lora=1", "generate=1", "--nocolor"]  # fmt: skip
+           "cache_latents=1", "cache_text=1", "train_lora=1", "validate_lora=1", "generate=1",
+           "--nocolor"]  # fmt: skip
     env = _env(SDXL_GPUS="0,1", SDXL_GPU_LOCK_DIR=str(workdir.parent / "locks"))
     with (workdir.parent / "local.txt").open("w") as log:  # the child keeps its own copy
         return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -179,6 +179,78 @@ def test_resume_twice_gives_the_same_lora(tiny_dir, cache_dir, tmp_path):
     assert steps == sorted(set(steps))  # rows past the resume point were dropped, not repeated
 
 
+def _header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def _snapshots(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("lora-step*.safetensors"))
+
+
+def test_a_longer_run_continues_a_shorter_one_and_equals_a_straight_run(
+    tiny_dir, cache_dir, tmp_path
+):
+    """Raising max_steps continues from the final checkpoint; lowering it reuses the checkpoint
+    at that step. Either way the LoRA (tensors and header) and the snapshots equal a straight run."""
+    kw = dict(save_every_n_steps=2, save_last_n=2, checkpoint_steps=1, caption_dropout=0.3)
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_dir, cache_dir, straight, max_steps=7, **kw))
+    assert _snapshots(straight) == [
+        "lora-step00000004.safetensors",
+        "lora-step00000006.safetensors",
+    ]
+    assert len(list((straight / "checkpoints").glob("*.pt"))) == 2  # save_last_n: checkpoints too
+    assert _header(straight / "lora-step00000006.safetensors")["ss_steps"] == "6"
+
+    grown = tmp_path / "grown"
+    train(_cfg(tiny_dir, cache_dir, grown, max_steps=3, **kw))
+    assert _snapshots(grown) == ["lora-step00000002.safetensors"]
+    train(_cfg(tiny_dir, cache_dir, grown, max_steps=7, **kw))
+    log_steps = [int(r["step"]) for r in csv.DictReader((grown / "metrics.csv").open())]
+    assert log_steps == list(range(1, 8))
+    assert _snapshots(grown) == _snapshots(straight)
+    for name in ("lora_final.safetensors", *_snapshots(straight)):
+        want, got = _lora_file(straight / name), _lora_file(grown / name)
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    assert _header(grown / "lora_final.safetensors") == _header(straight / "lora_final.safetensors")
+
+    shrunk = tmp_path / "shrunk"
+    shutil.copytree(straight, shrunk)
+    short = tmp_path / "short"
+    train(_cfg(tiny_dir, cache_dir, short, max_steps=6, **kw))
+    train(_cfg(tiny_dir, cache_dir, shrunk, max_steps=6, **kw))
+    assert _snapshots(shrunk) == _snapshots(short)
+    want, got = _lora(short), _lora(shrunk)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not (shrunk / "checkpoints/checkpoint-step0000007.pt").exists()
+
+
+def test_a_decaying_schedule_of_another_length_starts_over(tiny_dir, cache_dir, tmp_path, caplog):
+    """cosine decays to zero at the last step: a 6-step run is not a 3-step run continued."""
+    kw = dict(lr_scheduler="cosine", checkpoint_steps=1)
+    out = tmp_path / "cosine"
+    train(_cfg(tiny_dir, cache_dir, out, max_steps=3, **kw))
+    with caplog.at_level("WARNING"):
+        train(_cfg(tiny_dir, cache_dir, out, max_steps=6, **kw))
+    assert "planned for 3 steps, this run has 6" in caplog.text and "starting over" in caplog.text
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_dir, cache_dir, straight, max_steps=6, **kw))
+    want, got = _lora(straight), _lora(out)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(UserError, match="schedule was planned for 6 steps"):
+        train(_cfg(tiny_dir, cache_dir, out, max_steps=4,
+                   resume_from=str(out / "checkpoint_final.pt"), **kw))  # fmt: skip
+
+
+def _lora_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 def test_ddp_two_processes_equal_one(tiny_dir, cache_dir, tmp_path):
     """--batch_size is per GPU: 2 processes at batch 1 equal 1 process at batch 2.
 

@@ -8,8 +8,10 @@ dry run which outputs would be rebuilt (`updated_files`), as snakemake itself de
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,12 +33,13 @@ RULE_OF = [
     ("results/cache/latents/", "cache_latents"),
     ("results/cache/text/", "cache_text"),
     ("results/train/", "train_lora"),
+    ("results/validation/", "validate_lora"),
     ("results/generate/", "generate"),
     ("results/dataset/", "assemble"),
     ("results/report/", "report"),
     ("results/config.json", "record_config"),
 ]
-AFTER_TRAIN = {"train_lora", "generate", "assemble", "report"}
+AFTER_TRAIN = {"train_lora", "validate_lora", "generate", "assemble", "report"}
 CONFIG_EDIT = {"record_config", "report"}  # any config edit: the config snapshot and page
 # Hostile strings in every user-controlled field of the demo run: the report must show them
 # escaped, never run them (tests/test_reliability_workflow.py parses the report).
@@ -89,17 +92,31 @@ def copy_workflow(dest: Path) -> Path:
 
 
 def clone(finished: Path, dest: Path) -> Path:
-    """A copy of a finished run (results and .snakemake metadata, mtimes kept)."""
-    shutil.copytree(finished, dest, symlinks=True)
+    """A copy of a finished run (results and .snakemake metadata, mtimes and hard links kept:
+    the dataset folder links the generated images)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", str(finished), str(dest)], check=True)
     return dest
 
 
 def rule_of(path: str) -> str:
+    if path.startswith(("results/benchmarks/", "results/logs/")):  # .../<rule>[/<wildcards>]
+        return Path(path).parts[2].removesuffix(".tsv").removesuffix(".log")
+    if path == "results/report.html":
+        return "report"
     return next(rule for prefix, rule in RULE_OF if path.startswith(prefix))
 
 
-def would_run(workdir: Path, config: dict | None = None) -> set[str]:
-    """The rules a dry run of the demo would run now (config: overrides, deep-merged)."""
+def job_of(path: str) -> str:
+    """The job that writes `path`: its rule, and its shard for the sharded rules (rule:K)."""
+    rule = rule_of(path)
+    shard = re.search(r"shard-(\d+)", path)
+    return f"{rule}:{int(shard[1])}" if shard and rule in ("generate", "cache_latents") else rule
+
+
+def would_run_jobs(workdir: Path, config: dict | None = None) -> set[str]:
+    """The jobs (rule, or rule:shard) a dry run of the demo would run now (config: overrides,
+    deep-merged)."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
         ConfigSettings,
@@ -125,7 +142,12 @@ def would_run(workdir: Path, config: dict | None = None) -> set[str]:
             dag.execute_workflow(executor="dryrun", updated_files=updated)
     finally:
         os.chdir(cwd)
-    return {rule_of(os.path.relpath(p, workdir) if os.path.isabs(p) else p) for p in updated}
+    return {job_of(os.path.relpath(p, workdir) if os.path.isabs(p) else p) for p in updated}
+
+
+def would_run(workdir: Path, config: dict | None = None) -> set[str]:
+    """The rules a dry run of the demo would run now."""
+    return {job.split(":")[0] for job in would_run_jobs(workdir, config)}
 
 
 def add_hostile_inputs(workdir: Path) -> None:
@@ -194,7 +216,13 @@ def test_demo_dag_produces_every_artifact(finished):
     assert all((results / "dataset" / im["file_name"]).is_file() for im in coco["images"])
     assert (results / "dataset/contact_sheet.png").is_file()
     assert "<polyline" in (results / "report/loss_curve.svg").read_text()
-    assert list((results / "report/validation").glob("*.png"))  # the validation grid
+    assert (results / "report/validation_over_time.png").is_file()
+    grids = json.loads((results / "validation/demo/index.json").read_text())["grids"]
+    assert [g["step"] for g in grids] == [2, 4]  # every validation_interval, from the snapshots
+    assert sorted(p.name for p in (results / "train/demo").glob("demo-step*")) == [
+        "demo-step00000002.safetensors",
+        "demo-step00000004.safetensors",
+    ]
     assert (results / "report/problems.html").is_file()
     assert (results / "report/contact_sheet.png").is_file()
     assert json.loads((results / "config.json").read_text())["run"] == "demo"
@@ -223,6 +251,40 @@ def test_generation_setting_reruns_generation_and_after(finished):
     }
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"train": {"compile": True, "gradient_checkpointing": True, "checkpointing_mode": "selective",
+                   "fused_qkv": True, "log_interval": 2, "checkpoint_steps": 1}},
+        {"train": {"wandb_project": "elsewhere", "save_interval": 2}},
+        {"generate": {"compile": False, "channels_last": True}},
+    ],
+    ids=["train-speed", "train-logging", "generate-speed"],
+)  # fmt: skip
+def test_speed_and_logging_settings_rerun_nothing_but_the_config_page(finished, edit):
+    assert would_run(finished, edit) == CONFIG_EDIT
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"train": {"validation_prompts": ["a green triangle"]}},
+        {"train": {"validation_steps": 3}},
+        {"train": {"validation_guidance_scale": 2.0}},
+        {"train": {"validation_interval": 4}},
+        {"train": {"num_validation_images": 1}},
+    ],
+    ids=["prompts", "steps", "guidance", "interval", "count"],
+)
+def test_validation_settings_rerun_only_validation_and_the_report(finished, edit):
+    assert would_run(finished, edit) == {"validate_lora"} | CONFIG_EDIT
+
+
+def test_validation_interval_must_fall_on_snapshots(finished):
+    with pytest.raises(Exception, match="must be a multiple of train.save_every_n_steps"):
+        would_run(finished, {"train": {"validation_interval": 3}})
+
+
 def test_latent_setting_reruns_latents_and_after(finished):
     got = would_run(finished, {"cache": {"latents": {"image_size": 192}}})
     # not weights, validation, text
@@ -247,6 +309,9 @@ def test_library_code_change_reruns_only_its_stages(finished, tmp_path):
     writers.write_text(writers.read_text() + "\n# an edit\n")
     # report: it shows a copy of the contact sheet that assemble writes
     assert would_run(work) == {"generate", "assemble", "report"}
+    validation = work / "sdxl/train/validation.py"
+    validation.write_text(validation.read_text() + "\n# an edit\n")
+    assert would_run(work) == {"validate_lora", "generate", "assemble", "report"}
 
 
 def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
@@ -369,7 +434,7 @@ def test_slurm_profile_targets_real_rules():
     use either `gpu` or `gres`, never both (the plugin rejects that)."""
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.v8+.yaml").read_text())
     rules = {"weights", "validate_captions", "cache_latents", "merge_latents", "cache_text", "train_lora",
-             "generate", "assemble", "report"}  # fmt: skip
+             "validate_lora", "generate", "assemble", "report"}  # fmt: skip
     text = "".join((ROOT / "rules").joinpath(f).read_text() for f in os.listdir(ROOT / "rules"))
     assert all(f"rule {r}:" in text for r in rules)
     assert set(profile["set-resources"]) <= rules and set(profile["set-threads"]) <= rules
@@ -405,3 +470,174 @@ def test_two_gpu_training_runs_ddp_and_matches_one_process(finished, tmp_path):
     )
     assert before.keys() == after.keys()
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
+
+
+# ---------------------------------------------------------------- what each edit reruns, for real
+# Each test edits a copy of the finished demo the way a user would (the demo config or the
+# prompt file), checks the exact jobs a dry run schedules, runs the README's command, and checks
+# that every file of the jobs that did not run, and every kept image, grid and snapshot of the
+# jobs that did, is the same file as before (inode, mtime and bytes).
+
+
+def file_states(workdir: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under results/ (links not followed): (inode, mtime_ns, sha256)."""
+    states = {}
+    for path in (workdir / "results").rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            states[path.relative_to(workdir).as_posix()] = (st.st_ino, st.st_mtime_ns, digest)
+    return states
+
+
+def edit_demo(workdir: Path, **sections: dict) -> None:
+    """Update sections of the demo config as a user edits the file."""
+    demo = workdir / DEMO_CONFIG
+    config = yaml.safe_load(demo.read_text())
+    for section, values in sections.items():
+        config[section].update(values)
+    demo.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def rerun(workdir: Path, expected_jobs: set[str]) -> tuple[dict, dict]:
+    """Check the dry run's jobs, run the demo command; (file states before, after)."""
+    assert would_run_jobs(workdir) == expected_jobs
+    before = file_states(workdir)
+    snakemake(workdir, "--profile", "profiles/demo", "--cores", "2")
+    assert would_run_jobs(workdir) == set()  # and then it is done
+    return before, file_states(workdir)
+
+
+IMAGE = re.compile(r"/\d{5}\.(png|txt|json)$")  # a generated image or its caption/metadata
+
+
+def assert_same_files(before: dict, after: dict, ran: set[str], remade=frozenset()) -> None:
+    """The files of the jobs that did not run, and every image not in `remade`, are the same
+    files as before (the jobs that ran may rewrite their other outputs, logs and benchmarks)."""
+
+    def may_change(name: str) -> bool:
+        if IMAGE.search(name):
+            return name in remade
+        return job_of(name) in ran or rule_of(name) in ran
+
+    changed = sorted(n for n in before if not may_change(n) and after.get(n) != before[n])
+    assert not changed, f"touched, although nothing asked for it: {changed}"
+
+
+CONFIG_JOBS = {"record_config", "report"}
+
+
+def test_validation_edit_reruns_only_validation_and_keeps_the_training(finished, tmp_path):
+    work = clone(finished, tmp_path / "run")
+    edit_demo(work, train={"validation_prompts": ["a green triangle", "a red square"],
+                           "validation_steps": 3})  # fmt: skip
+    ran = {"validate_lora"} | CONFIG_JOBS
+    before, after = rerun(work, ran)
+    assert_same_files(before, after, ran)
+    index = json.loads((work / "results/validation/demo/index.json").read_text())
+    assert index["prompts"] == ["a green triangle", "a red square"]
+    assert [g["step"] for g in index["grids"]] == [2, 4]
+
+
+def test_more_images_makes_only_the_new_ones(finished, tmp_path):
+    work = clone(finished, tmp_path / "run")
+    edit_demo(work, generate={"num_images": 10})
+    ran = {"generate:2", "assemble"} | CONFIG_JOBS
+    before, after = rerun(work, ran)
+    assert_same_files(before, after, ran)
+    coco = json.loads((work / "results/dataset/captions.json").read_text())
+    assert [im["id"] for im in coco["images"]] == list(range(10))
+    made = sorted(p.name for p in (work / "results/generate/shard-2").glob("*.png"))
+    assert made == ["00008.png", "00009.png"]
+    for name in ("00000.png", "00008.png"):  # the dataset links the shards' files, no copies
+        assert (work / "results/dataset" / name).samefile(
+            work / "results/generate" / f"shard-{int(name[:5]) // 4}" / name
+        )
+
+
+def test_edited_prompt_regenerates_only_its_images(finished, tmp_path):
+    work = clone(finished, tmp_path / "run")
+    prompts = work / HOSTILE_CONFIG["generate"]["prompts_file"]
+    lines = prompts.read_text().splitlines()
+    lines[5] = "a purple hexagon on a white background"  # image 5 only (16 prompts, 8 images)
+    prompts.write_text("\n".join(lines) + "\n")
+    ran = {"generate:0", "generate:1", "assemble", "report"}  # the config is the same
+    before, after = rerun(work, ran)
+    image5 = {f"results/{d}/00005.{ext}" for d in ("generate/shard-1", "dataset")
+              for ext in ("png", "txt")}  # fmt: skip
+    assert_same_files(before, after, ran, remade=image5)
+    assert all(after[name] != before[name] for name in image5)
+    assert (work / "results/dataset/00005.txt").read_text() == lines[5]
+
+
+def _straight_lora(work: Path, out: Path, **changes) -> Path:
+    """The run's LoRA trained straight from step 0 by the library, with `changes`."""
+    import torch
+
+    from sdxl.train.config import TrainConfig
+    from sdxl.train.loop import train
+
+    settings = json.loads((work / "results/train/demo/config.json").read_text())
+    settings.update(data_dir=str(work / "results/cache"), output_dir=str(out), resume_from="none",
+                    pretrained_model=str(work / "results/weights/model"), **changes)  # fmt: skip
+    threads = torch.get_num_threads()
+    # As the train_lora job, which snakemake gives min(threads, --cores) = 2 threads: the same
+    # float sums (another thread count moves the last bits).
+    torch.set_num_threads(2)
+    try:
+        train(TrainConfig.from_dict(settings))
+    finally:
+        torch.set_num_threads(threads)
+    return out / "lora_final.safetensors"
+
+
+def _same_lora(a: Path, b: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    want, got = load_file(a), load_file(b)
+    assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata()
+
+
+AFTER_TRAIN_JOBS = {"train_lora", "validate_lora", "generate:0", "generate:1", "assemble"}
+
+
+def all_images(states: dict) -> set[str]:
+    """A new LoRA: every image is made again."""
+    return {name for name in states if IMAGE.search(name)}
+
+
+def test_longer_training_continues_and_equals_a_straight_run(finished, tmp_path):
+    work = clone(finished, tmp_path / "run")
+    edit_demo(work, train={"max_steps": 6})
+    before, after = rerun(work, AFTER_TRAIN_JOBS | CONFIG_JOBS)
+    log = (work / "results/logs/train_lora/demo.log").read_text()
+    assert "resumed from results/train/demo/checkpoint_final.pt at step 4" in log
+    kept = {f"results/train/demo/demo-step0000000{k}.safetensors" for k in (2, 4)}
+    kept |= {f"results/validation/demo/step-000000{k}.png" for k in (2, 4)}
+    assert all(after[name] == before[name] for name in kept)  # not redrawn, not rewritten
+    assert_same_files(before, after, AFTER_TRAIN_JOBS | CONFIG_JOBS, remade=all_images(before))
+    run = work / "results/train/demo"
+    with (run / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+    assert (run / "demo-step00000006.safetensors").is_file()
+    straight = _straight_lora(work, tmp_path / "straight")
+    _same_lora(straight, run / "lora_final.safetensors")
+    index = json.loads((work / "results/validation/demo/index.json").read_text())
+    assert [g["step"] for g in index["grids"]] == [2, 4, 6]
+
+
+def test_shorter_training_reuses_the_checkpoint_at_that_step(finished, tmp_path):
+    work = clone(finished, tmp_path / "run")
+    edit_demo(work, train={"max_steps": 2})
+    before, after = rerun(work, AFTER_TRAIN_JOBS | CONFIG_JOBS)
+    log = (work / "results/logs/train_lora/demo.log").read_text()
+    assert "resumed from results/train/demo/checkpoints/checkpoint-step0000002.pt at step 2" in log
+    run = work / "results/train/demo"
+    assert sorted(p.name for p in run.glob("demo-step*")) == ["demo-step00000002.safetensors"]
+    snapshot = "results/train/demo/demo-step00000002.safetensors"
+    assert after[snapshot] == before[snapshot]
+    assert_same_files(before, after, AFTER_TRAIN_JOBS | CONFIG_JOBS, remade=all_images(before))
+    _same_lora(_straight_lora(work, tmp_path / "straight"), run / "lora_final.safetensors")

@@ -1,7 +1,6 @@
-"""assemble: link every shard's images into one folder and write the COCO dataset files."""
+"""assemble: hard-link every shard's images into one folder and write the COCO dataset files."""
 
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,15 +11,13 @@ if TYPE_CHECKING:
 
 start(snakemake)
 
-from sdxl.generate.run import finalize_dataset  # noqa: E402
-from sdxl.prepare import link_file  # noqa: E402
+from sdxl.generate.assemble import assemble_dataset  # noqa: E402
 
+markers = [Path(p) for p in snakemake.input.shards]
+# The images record the generate jobs' code version; the markers say which it was.
+versions = {json.loads(p.read_text())["code_version"] for p in markers}
 out = Path(snakemake.output.captions).parent
-for old in (p for p in out.glob("*") if re.fullmatch(r"\d+\.(png|txt|json)", p.name)):
-    old.unlink()  # images of an earlier, different run
-for marker in snakemake.input.shards:
-    folder = Path(json.loads(Path(marker).read_text())["folder"])
-    for path in (p for p in folder.iterdir() if re.fullmatch(r"\d+\.(png|txt|json)", p.name)):
-        link_file(path, out / path.name)
-cfg = generation_config(snakemake.params.generate, snakemake.input, out)
-finalize_dataset(cfg, list(range(len(cfg.prompts))), out)
+cfg = generation_config(snakemake.params.generate, snakemake.input, out,
+                        snakemake.params.num_images, snakemake.params.index_width,
+                        code_version=versions.pop() if len(versions) == 1 else "mixed")  # fmt: skip
+assemble_dataset(cfg, markers, out)

@@ -60,16 +60,14 @@ def precision(claim, wanted: str) -> str:
     return wanted if claim.torch_device == "cuda" else "fp32"
 
 
-def job_fingerprint(snakemake) -> str:
-    """sha256 of the job's rule, wildcards, params and input files: equal means 'same job'.
-
-    Folders among the inputs are skipped; their content is summarised by a manifest input.
-    """
+def job_fingerprint(snakemake, params: dict | None = None) -> str:
+    """sha256 of the job's rule, wildcards, params (or `params`) and input files: equal means
+    'same job'. Folders among the inputs are skipped; a manifest input summarises them."""
     digest = hashlib.sha256()
     head = {
         "rule": snakemake.rule,
         "wildcards": dict(snakemake.wildcards.items()),
-        "params": dict(snakemake.params.items()),
+        "params": dict(snakemake.params.items()) if params is None else params,
     }
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     for path in sorted({str(p) for p in snakemake.input}):
@@ -80,16 +78,25 @@ def job_fingerprint(snakemake) -> str:
     return digest.hexdigest()
 
 
-def resume_or_restart(folder, fingerprint: str) -> bool:
-    """Keep `folder`'s partial work only if the same job made it; True when resuming.
+def code_digest(snakemake) -> str:
+    """sha256 of the library code the job runs (its `code` inputs), recorded in what it makes:
+    a result kept across reruns must also be one today's code would make."""
+    digest = hashlib.sha256()
+    for path in sorted(snakemake.input.code):
+        digest.update(path.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()[:16]
 
-    A killed job rerun with the same inputs and params resumes (checkpoints, finished
-    images); anything else finds an emptied folder and starts over.
+
+def resume_or_restart(folder, fingerprint: str) -> bool:
+    """Keep `folder`'s work only if the same job made it; True when keeping it.
+
+    A rerun with the same fingerprint continues (checkpoints, finished images); anything else
+    finds an emptied folder and starts over.
     """
     folder = Path(folder)
     marker = folder / FINGERPRINT
     if marker.is_file() and marker.read_text().strip() == fingerprint:
-        logging.info("resuming the work already in %s (same inputs and settings)", folder)
+        logging.info("continuing the work already in %s (same inputs and settings)", folder)
         return True
     if folder.exists() and any(folder.iterdir()):
         logging.info("clearing %s: it holds the work of another version of this job", folder)
@@ -99,19 +106,18 @@ def resume_or_restart(folder, fingerprint: str) -> bool:
     return False
 
 
-def shard_indices(count: int, shard: int, num_shards: int) -> list[int]:
-    """The contiguous share of image indices 0..count-1 that shard `shard` makes."""
-    return list(range(shard * count // num_shards, (shard + 1) * count // num_shards))
+def generation_config(settings: dict, inputs, output_dir, count: int, index_width: int,
+                      device: str = "cpu", code_version: str = "", speed: dict | None = None):  # fmt: skip
+    """The GenerateConfig of config.yaml's `generate` section for images 0..count-1.
 
-
-def generation_config(settings: dict, inputs, output_dir, device: str = "cpu"):
-    """The GenerateConfig of config.yaml's `generate` section for this workflow's files."""
+    settings: generation_settings() of the workflow; speed: compile and channels_last.
+    """
     from sdxl.generate.prompts import expand_prompts, read_prompt_file
     from sdxl.generate.run import GenerateConfig
 
     hp = dict(settings)
-    del hp["prompts_file"], hp["shards"]  # the file is an input; shards only split the work
-    prompts = expand_prompts(read_prompt_file(inputs.prompts, flag="generate.prompts_file"), hp.pop("num_images"),
+    del hp["prompts_file"]  # the file is an input
+    prompts = expand_prompts(read_prompt_file(inputs.prompts, flag="generate.prompts_file"), count,
                              hp.pop("shuffle_prompts"), hp["seed"])  # fmt: skip
     return GenerateConfig(
         pretrained_model=str(inputs.model),
@@ -121,5 +127,8 @@ def generation_config(settings: dict, inputs, output_dir, device: str = "cpu"):
         merge_loras=hp.pop("merge_lora"),
         device=device,
         output_format="coco",
+        index_width=index_width,
+        code_version=code_version,
         **hp,
+        **(speed or {}),
     )

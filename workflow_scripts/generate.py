@@ -1,23 +1,32 @@
-"""generate: make one shard's share of the images (one GPU); a rerun skips finished images."""
+"""generate: make one fixed range of images (one GPU); finished images are kept untouched."""
 
-import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import generation_config, job_fingerprint, resume_or_restart, shard_indices, start
+from common import code_digest, generation_config, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
 
 claim = start(snakemake, gpus=snakemake.resources.gpu)
 
+import torch  # noqa: E402
+
+from sdxl.generate.assemble import write_shard_marker  # noqa: E402
 from sdxl.generate.run import generate_indices  # noqa: E402
 
 out = Path(snakemake.output.done).with_suffix("")  # results/generate/shard-K/
-resume_or_restart(out, job_fingerprint(snakemake))
-cfg = generation_config(snakemake.params.generate, snakemake.input, out, claim.torch_device)
-shard, shards = int(snakemake.wildcards.shard), snakemake.params.generate["shards"]
-indices = shard_indices(len(cfg.prompts), shard, shards)
-generate_indices(cfg, indices, claim.torch_device)
-done = {"shard": shard, "folder": str(out), "files": [cfg.file_stem(i) + ".png" for i in indices]}
-Path(snakemake.output.done).write_text(json.dumps(done, indent=1) + "\n")
+first, stop = snakemake.params.indices
+speed = {k: snakemake.config["generate"][k] for k in ("compile", "channels_last")}
+cfg = generation_config(snakemake.params.generate, snakemake.input, out, stop,
+                        snakemake.params.index_width, claim.torch_device, code_digest(snakemake),
+                        speed)  # fmt: skip
+indices = range(first, stop)
+began = time.perf_counter()
+made = generate_indices(cfg, list(indices), claim.torch_device)
+cuda = claim.torch_device == "cuda"
+peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
+write_shard_marker(Path(snakemake.output.done), cfg, indices, made=made,
+                   seconds=time.perf_counter() - began, device=claim.torch_device,
+                   peak_mem_gb=peak)  # fmt: skip

@@ -1,7 +1,7 @@
-"""report: the loss curve, the configuration page, the validation grids, and copies of the
-dataset problems page and the contact sheet (every report item comes from this rule)."""
+"""report: the training, validation, dataset, generation, runtime and configuration pages, and
+copies of the dataset problems page and the contact sheet (every report item comes from this
+rule, so none carries another job's params into report.html)."""
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import start
@@ -11,13 +11,6 @@ if TYPE_CHECKING:
 
 start(snakemake)
 
-from sdxl.report import build_report  # noqa: E402
+from sdxl.report import ReportInputs, ReportOutputs, build_report  # noqa: E402
 
-run_dir = Path(snakemake.input.lora).parent
-build_report(
-    run_dir / "metrics.csv", run_dir / "samples", snakemake.input.config,
-    loss_svg=snakemake.output.loss, config_html=snakemake.output.config,
-    validation_dir=snakemake.output.validation,
-    copies={snakemake.input.problems: snakemake.output.problems,
-            snakemake.input.sheet: snakemake.output.sheet},
-)  # fmt: skip
+build_report(ReportInputs.of(snakemake.input), ReportOutputs.of(snakemake.output))

@@ -1,4 +1,8 @@
-"""train_lora: train the UNet LoRA on the caches; more than one GPU runs DDP via torchrun."""
+"""train_lora: train the UNet LoRA on the caches; more than one GPU runs DDP via torchrun.
+
+A rerun continues from the run's newest usable checkpoint (the library decides which, see
+sdxl/train/loop.py); the folder is emptied first only when what is learned changed.
+"""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,15 +14,20 @@ if TYPE_CHECKING:
 
 claim = start(snakemake, gpus=snakemake.resources.gpu)
 
-from sdxl.train.config import TrainConfig  # noqa: E402
+from sdxl.train import config as settings  # noqa: E402
 from sdxl.train.launch import run_training  # noqa: E402
 
 out = Path(snakemake.output.lora).parent
-resume_or_restart(out, job_fingerprint(snakemake))  # a rerun of the same job resumes
-hp = {k: v for k, v in snakemake.params.train.items() if k != "gpus"}  # the devices claimed
-cfg = TrainConfig.from_dict({
-    **hp, "data_dir": str(Path(snakemake.input.latents).parents[1]),
-    "output_dir": str(out), "pretrained_model": snakemake.input.model,
-    "device": claim.torch_device, "resume_from": "auto",
+learned = snakemake.params.train
+# The library continues across a change of length or snapshots; anything else starts over.
+continuable = {*settings.LENGTH_SETTINGS, *settings.SNAPSHOT_SETTINGS}
+same_run = {k: v for k, v in learned.items() if k not in continuable}
+resume_or_restart(out, job_fingerprint(snakemake, same_run))
+runtime = {k: v for k, v in snakemake.config["train"].items() if k in settings.RUNTIME_SETTINGS}
+hp = {k: v for k, v in learned.items() if k != "gpus"}  # the devices claimed say how many
+cfg = settings.TrainConfig.from_dict({
+    **hp, **runtime, "output_name": snakemake.params.run,
+    "data_dir": str(Path(snakemake.input.latents).parents[1]), "output_dir": str(out),
+    "pretrained_model": snakemake.input.model, "device": claim.torch_device, "resume_from": "auto",
 })  # fmt: skip
 run_training(cfg, num_gpus=len(claim.devices))

@@ -142,9 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint every N steps (0: off)",
     )
     a(
+        "--save_every_n_steps",
+        type=int,
+        default=d.save_every_n_steps,
+        help="also write <output_name>-stepNNNNNNNN.safetensors every N steps (0: off)",
+    )
+    a(
+        "--save_last_n",
+        type=int,
+        default=d.save_last_n,
+        help="keep only the newest N snapshots and step checkpoints (0: all)",
+    )
+    a("--output_name", default=d.output_name, help="file name prefix of the snapshots")
+    a(
         "--resume_from",
         default="auto",
-        help="checkpoint path, 'auto' (latest in output_dir) or 'none'",
+        help="checkpoint path, 'auto' (the newest in output_dir that this run can continue: "
+        "a longer run continues a shorter one) or 'none'",
     )
     a("--log_interval", type=int, default=d.log_interval)
     a("--wandb_project", default=None)

@@ -6,6 +6,12 @@ import random
 from pathlib import Path
 
 
+def index_width(num_images: int) -> int:
+    """Zero-padding of image i's file name so that lexical order is numeric for any count (at
+    least 5 digits, as the seed). Here, free of heavy imports: the workflow reads it at parse time."""
+    return max(5, len(str(max(num_images - 1, 0))))
+
+
 def read_prompt_file(path: str | Path, flag: str = "--prompt-file") -> list[str]:
     """One prompt per line; blank lines skipped. Errors name the file, `flag` and the fix.
 

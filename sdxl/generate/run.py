@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from sdxl.errors import EXPECTED, UserError, one_line
 from sdxl.generate.coco import remove_dataset_files, write_dataset_files
+from sdxl.generate.prompts import index_width
 from sdxl.generate.writers import (
     BackgroundWriter,
-    index_width,
     is_done,
     remove_foreign_items,
     sync_sidecars,
@@ -67,6 +67,12 @@ class GenerateConfig:
     compile: bool | None = None  # torch.compile + CUDA graphs; None: on for CUDA, off on CPU
     channels_last: bool = False  # NHWC UNet/VAE weights
     fused_qkv: bool = False  # one GEMM for each attention's q/k/v
+    # File name zero-padding (0: from the prompt count). The workflow fixes it for the whole
+    # dataset, as each job sees only the prompts up to its own last image.
+    index_width: int = 0
+    # The generating code's version (the workflow's digest of it), recorded in every image: a
+    # kept image must be one today's code would make. Empty: not recorded (the CLI).
+    code_version: str = ""
 
     def __post_init__(self):
         from sdxl.pipeline import check_image_size
@@ -120,7 +126,7 @@ class GenerateConfig:
 
     @property
     def stem_width(self) -> int:
-        return index_width(len(self.prompts))
+        return self.index_width or index_width(len(self.prompts))
 
     def file_stem(self, index: int) -> str:
         return f"{index:0{self.stem_width}d}"
@@ -163,6 +169,7 @@ def image_meta(cfg: GenerateConfig, index: int) -> dict:
         # Fused q/k/v GEMMs round differently (a pixel may move by 1/255): recorded, so a rerun
         # never mixes images of both kinds. Compile and CUDA graphs leave fp32 pixels as they are.
         **({"fused_qkv": True} if cfg.fused_qkv else {}),
+        **({"code": cfg.code_version} if cfg.code_version else {}),
     }
 
 
@@ -229,8 +236,9 @@ def generate_indices(cfg: GenerateConfig, indices: list[int], device: str = "cpu
                      pipe=None, position: int = 0) -> int:  # fmt: skip
     """Make the images at `indices` that are not done yet on one device; return how many.
 
-    The entry point of one job (a workflow shard): it holds the folder's lock throughout, so a
-    rerun never writes beside a survivor of a killed run.
+    The entry point of one job (a workflow shard, whose folder holds exactly `indices`): it
+    holds the folder's lock throughout, so a rerun never writes beside a survivor of a killed
+    run. Finished images are left as they are (same file, same mtime).
     """
     with _dataset_lock(cfg):
         return _generate(cfg, indices, [device], pipe, position)
@@ -244,7 +252,7 @@ def _generate(cfg: GenerateConfig, indices: list[int], devices: list[str], pipe=
         run_workers(cfg, todo, devices)
     else:
         _make_images(cfg, todo, devices[0], pipe, position)
-    removed = remove_foreign_items(Path(cfg.output_dir), len(cfg.prompts))
+    removed = remove_foreign_items(Path(cfg.output_dir), set(indices), cfg.stem_width)
     if removed:
         log.info("removed %d file(s) of images beyond this dataset", len(removed))
     return len(todo)

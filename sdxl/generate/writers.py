@@ -20,11 +20,6 @@ _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last 12 bytes (empty IEND c
 _ITEM = re.compile(r"(\d+)\.(png|txt|json)")  # the numbered files a dataset folder holds
 
 
-def index_width(num_images: int) -> int:
-    """Zero-padding so that lexical order is numeric for any count (at least 5, as the seed)."""
-    return max(5, len(str(max(num_images - 1, 0))))
-
-
 _A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed",
                "size": "Size", "model": "Model", "lora": "Lora"}  # fmt: skip
 
@@ -113,21 +108,25 @@ def write_item(
     save_png(image, out_dir / f"{stem}.png", meta)
 
 
-def remove_foreign_items(out_dir: Path, num_images: int) -> list[Path]:
+def is_item_name(name: str) -> bool:
+    """Whether `name` is a numbered dataset file (NNNNN.png, .txt or .json)."""
+    return _ITEM.fullmatch(name) is not None
+
+
+def remove_foreign_items(out_dir: Path, wanted: set[int], width: int) -> list[Path]:
     """Delete the numbered files (NNNNN.png/.txt/.json) that are no image of this dataset.
 
-    Those are left by an earlier run with more images (or another zero-padding); a fresh folder
-    would not have them. A numbered PNG without our metadata is someone else's file: it and its
-    sidecars stay.
+    `wanted`: the indices the folder holds, `width`: their zero-padding. Others are left by an
+    earlier run with more images (or another zero-padding); a fresh folder would not have them.
+    A numbered PNG without our metadata is someone else's file: it and its sidecars stay.
     """
-    width = index_width(num_images)
     stale: dict[str, list[Path]] = {}
     for path in out_dir.iterdir():
         match = _ITEM.fullmatch(path.name)
         if not match or not path.is_file():
             continue
         stem = match[1]
-        if len(stem) != width or int(stem) >= num_images:
+        if len(stem) != width or int(stem) not in wanted:
             stale.setdefault(stem, []).append(path)
     removed = []
     for stem, paths in stale.items():

@@ -114,32 +114,71 @@ def step_checkpoint_path(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINT_DIR / f"checkpoint-step{step:07d}.pt"
 
 
+_STEP_FILE = re.compile(r"checkpoint-step(\d+)\.pt")
+
+
+def step_checkpoints(output_dir: Path) -> dict[int, Path]:
+    """step -> file of the step checkpoints in output_dir/checkpoints, oldest first."""
+    found = {int(m[1]): p for p in (output_dir / CHECKPOINT_DIR).glob("checkpoint-step*.pt")
+             if (m := _STEP_FILE.fullmatch(p.name))}  # fmt: skip
+    return dict(sorted(found.items()))
+
+
 def checkpoints_newest_first(output_dir: Path) -> list[Path]:
-    """The final checkpoint (if the run finished), then step checkpoints, most steps first."""
-    found = sorted(
-        ((int(m.group(1)), p)
-         for p in (output_dir / CHECKPOINT_DIR).glob("checkpoint-step*.pt")
-         if (m := re.fullmatch(r"checkpoint-step(\d+)\.pt", p.name))),
-        reverse=True,
-    )  # fmt: skip
+    """The final checkpoint (if the run finished), then step checkpoints, most steps first.
+
+    The final one exists only while it is the newest: a run that continues past it renames it
+    to its step checkpoint first (`retire_final`).
+    """
     final = [output_dir / FINAL] if (output_dir / FINAL).is_file() else []
-    return final + [p for _, p in found]
+    return final + list(reversed(step_checkpoints(output_dir).values()))
 
 
-def load_newest_checkpoint(output_dir: Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint in output_dir; unreadable newer ones are skipped, warned."""
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a step checkpoint's name (None for the final checkpoint)."""
+    match = _STEP_FILE.fullmatch(path.name)
+    return int(match[1]) if match else None
+
+
+def load_newest_checkpoint(output_dir: Path, usable=lambda path, state: True
+                           ) -> tuple[Path, dict] | None:  # fmt: skip
+    """The newest readable checkpoint for which usable(path, state); unreadable ones are skipped
+    with a warning, unusable ones silently (usable says why in the log)."""
     for path in checkpoints_newest_first(output_dir):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
         except CheckpointError as err:
             log.warning("%s; falling back to the previous checkpoint", err)
+            continue
+        if usable(path, state):
+            return path, state
     return None
 
 
-def remove_checkpoints(output_dir: Path) -> None:
-    """Delete a run's checkpoints (when it starts over, they must never be resumed)."""
-    for path in checkpoints_newest_first(output_dir):
-        path.unlink(missing_ok=True)
+def retire_final(output_dir: Path, step: int) -> None:
+    """The run continues past checkpoint_final.pt: keep it as the step checkpoint it is."""
+    final = output_dir / FINAL
+    if final.is_file():
+        target = step_checkpoint_path(output_dir, step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        final.replace(target)
+
+
+def remove_checkpoints(output_dir: Path, after: int | None = None) -> None:
+    """Delete a run's checkpoints (None), or its step checkpoints past step `after`: a run that
+    starts over, or continues from an earlier step, must never resume from them."""
+    if after is None:
+        (output_dir / FINAL).unlink(missing_ok=True)
+    for step, path in step_checkpoints(output_dir).items():
+        if after is None or step > after:
+            path.unlink(missing_ok=True)
+
+
+def keep_newest_checkpoints(output_dir: Path, n: int) -> None:
+    """Delete all but the newest `n` step checkpoints (n = 0 keeps all)."""
+    if n:
+        for path in list(step_checkpoints(output_dir).values())[:-n]:
+            path.unlink(missing_ok=True)
 
 
 def position_dict(pos: Position) -> dict:

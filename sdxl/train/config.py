@@ -8,9 +8,27 @@ from sdxl.errors import UserError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DECAYING_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction")
 CHECKPOINTING_MODES = ("full", "selective")  # what gradient_checkpointing recomputes
 COMPILE_MODES = ("full", "regional")
+
+
+# How each setting relates to what a run learns. One place: the trainer's resume check and the
+# workflow's rerun decisions both read these.
+# Speed, logging and bookkeeping: a checkpoint made under other values resumes, and the workflow
+# reruns nothing when they change. (compile and fused_qkv change float rounding, not the maths.)
+RUNTIME_SETTINGS = ("compile", "compile_mode", "cuda_graphs", "checkpointing_mode",
+                    "gradient_checkpointing", "fused_qkv", "log_interval", "wandb_project",
+                    "wandb_run_name", "checkpoint_steps", "save_interval", "device", "output_dir",
+                    "resume_from", "data_dir", "cache_batch_size")  # fmt: skip
+# Validation grids: drawn during training by the CLI, by their own rule in the workflow.
+VALIDATION_SETTINGS = ("validation_prompts", "validation_interval", "num_validation_images",
+                       "validation_guidance_scale", "validation_steps")  # fmt: skip
+# How long to train: a longer run continues a shorter one (unless the schedule decays).
+LENGTH_SETTINGS = ("num_epochs", "max_steps")
+# Which LoRA snapshots a run keeps: checked against the files when a run continues.
+SNAPSHOT_SETTINGS = ("save_every_n_steps", "save_last_n", "output_name")
 
 
 @dataclass(frozen=True)
@@ -67,9 +85,12 @@ class TrainConfig:
     min_image_size: int = 64
     strict_data: bool = False
     cache_batch_size: int = 4
-    # checkpoints and logging
+    # checkpoints, snapshots and logging
     save_interval: int = 1
     checkpoint_steps: int = 0
+    save_every_n_steps: int = 0  # a loadable <output_name>-stepNNNNNNNN.safetensors (0: off)
+    save_last_n: int = 0  # keep only the newest N snapshots and step checkpoints (0: all)
+    output_name: str = "lora"  # the snapshots' file name prefix
     resume_from: str | None = "auto"
     log_interval: int = 10
     wandb_project: str | None = None
@@ -95,6 +116,13 @@ class TrainConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.image_size % 64:
             raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
+        for key in ("save_every_n_steps", "save_last_n", "checkpoint_steps", "validation_interval"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be 0 (off) or positive, got {getattr(self, key)}")
+        if not self.output_name or "/" in self.output_name or self.output_name.startswith("."):
+            raise ValueError(
+                f"output_name must be a plain file name prefix, got {self.output_name!r}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or unset), got {self.max_steps}")
         top = self.timestep_max
@@ -109,6 +137,11 @@ class TrainConfig:
             raise ValueError("min_snr_gamma must be positive (leave it unset to disable)")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def schedule_depends_on_length(self) -> bool:
+        """linear and cosine decay reach zero at the last step: another length, another run."""
+        return self.lr_scheduler in DECAYING_SCHEDULES
 
     @property
     def lora_target(self) -> str | tuple[str, ...]:

@@ -69,15 +69,22 @@ def training_metadata(cfg: TrainConfig, facts: RunFacts, optimizer_label: str) -
     return {k: str(v) for k, v in fields.items()}
 
 
+def write_kohya_file(path: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts,
+                     optimizer_label: str) -> None:  # fmt: skip
+    """The UNet's LoRA as a kohya .safetensors with the run's metadata (final or snapshot)."""
+    from sdxl.lora import lora_state_dict
+
+    layout = lora_formats.UNetLayout.from_module_names([n for n, _ in unet.named_modules()])
+    lora_formats.save_kohya(path, lora_state_dict(unet), training_metadata(cfg, facts, optimizer_label),
+                            layout=layout, resolution=cfg.image_size,
+                            prediction_type=cfg.prediction_type)  # fmt: skip
+
+
 def write_lora_files(
     out: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts, optimizer_label: str
 ) -> None:
     """lora_final.safetensors (kohya, with the run's metadata) and the seed's lora_final.pt."""
     from sdxl.lora import lora_state_dict
 
-    state = lora_state_dict(unet)
-    layout = lora_formats.UNetLayout.from_module_names([n for n, _ in unet.named_modules()])
-    lora_formats.save_seed_pt(out / "lora_final.pt", state, step=facts.steps)
-    lora_formats.save_kohya(out / "lora_final.safetensors", state,
-                            training_metadata(cfg, facts, optimizer_label), layout=layout,
-                            resolution=cfg.image_size, prediction_type=cfg.prediction_type)  # fmt: skip
+    lora_formats.save_seed_pt(out / "lora_final.pt", lora_state_dict(unet), step=facts.steps)
+    write_kohya_file(out / "lora_final.safetensors", unet, cfg, facts, optimizer_label)

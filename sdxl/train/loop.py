@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,24 +29,34 @@ from sdxl.train.caches import (
 from sdxl.train.checkpoint import (
     FINAL,
     Position,
+    keep_newest_checkpoints,
     load_checkpoint,
     load_newest_checkpoint,
     position_dict,
     remove_checkpoints,
     restore_rng,
+    retire_final,
     rng_state,
     save_checkpoint,
     step_checkpoint_path,
 )
-from sdxl.train.config import TrainConfig, for_model
+from sdxl.train.config import (
+    LENGTH_SETTINGS,
+    RUNTIME_SETTINGS,
+    SNAPSHOT_SETTINGS,
+    VALIDATION_SETTINGS,
+    TrainConfig,
+    for_model,
+)
 from sdxl.train.data_order import epoch_batches, step_generator
 from sdxl.train.ema import LoRAEMA
-from sdxl.train.export import RunFacts, optimizer_name, write_lora_files
+from sdxl.train.export import RunFacts, optimizer_name, write_kohya_file, write_lora_files
 from sdxl.train.hooks import pause_point
 from sdxl.train.launch import output_lock
 from sdxl.train.loss import draw_step_noise, per_sample_loss
 from sdxl.train.metrics import MetricsLog
 from sdxl.train.optim import lr_at, make_optimizer
+from sdxl.train.snapshots import list_snapshots, prune_snapshots, snapshot_path, wanted_steps
 from sdxl.train.step import TrainStep, train_step
 from sdxl.utils import atomic_write_text, to_dtype
 
@@ -137,27 +148,40 @@ class Trainer:
             "position": position_dict(self.position),
             "config": self.cfg.to_dict(),
             "data": self.caches.data_key,
+            "plan": {"total_steps": self.total_steps()},  # a decaying schedule's shape
         }
 
     def _resume(self) -> None:
-        """Continue from the checkpoint --resume_from names (auto: the newest readable one).
+        """Continue from the checkpoint --resume_from names (auto: the newest one it can).
 
-        A checkpoint of other data (edited dataset, other cache settings or model files) is
-        not resumed: with 'auto' the run starts over (warned, old checkpoints removed), an
-        explicit path is refused. Other learning settings are always refused.
+        'auto' continues from the newest readable checkpoint at or before this run's last step
+        whose snapshots are all still there, so a longer run continues a shorter one, a shorter
+        one reuses a checkpoint at its length, and both end equal to a straight run. It starts
+        over (old checkpoints and snapshots removed) when the checkpoint was trained on other
+        data, or for a decaying learning-rate schedule planned for another length. An explicit
+        path is refused in those cases; other learning settings are always refused.
         """
         source = resume_source(self.cfg)
+        explicit = source not in (None, "auto")
         if source is None:
-            return
-        if source == "auto":
-            found = load_newest_checkpoint(self.out)
+            found = None
         else:
-            found = source, load_checkpoint(source)
+            found = (source, load_checkpoint(source)) if explicit else self._continuable()
         if found is None:
+            self._start_over(None, "")
             return
         path, state = found
         if state.get("data") != self.caches.data_key:
-            self._other_data(path, state.get("data"), explicit=source != "auto")
+            self._other_data(path, state.get("data"), explicit)
+            return
+        planned, total = state.get("plan", {}).get("total_steps"), self.total_steps()
+        if self.cfg.schedule_depends_on_length and planned != total:
+            why = (f"its {self.cfg.lr_scheduler} learning-rate schedule was planned for {planned} "
+                   f"steps, this run has {total}, and the schedule's shape depends on the total")  # fmt: skip
+            if explicit:
+                raise UserError(f"--resume_from {path}: {why}; pass --resume_from none to start "
+                                "over, or the --max_steps/--num_epochs it was made with")  # fmt: skip
+            self._start_over(path, why)
             return
         check_resumable(
             state["config"], self.cfg, path, ignore=set(self.caches.data_key["settings"])
@@ -171,8 +195,46 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
         self.position = Position(**state["position"])
+        self._tidy_from(self.position.step)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.position.step)
+
+    def _continuable(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint at or before the last step whose snapshots are all on disk."""
+        total, have = self.total_steps(), set(list_snapshots(self.out, self.cfg.output_name))
+
+        def usable(path: Path, state: dict) -> bool:
+            step = state["position"]["step"]
+            if step > total:
+                return False
+            missing = sorted(set(wanted_steps(self.cfg, step)) - have)
+            if missing and self.dist.is_main:
+                log.info("%s: the snapshots of steps %s are gone, so it cannot continue exactly; "
+                         "trying an earlier checkpoint", path, missing)  # fmt: skip
+            return not missing
+
+        return load_newest_checkpoint(self.out, usable)
+
+    def _tidy_from(self, step: int) -> None:
+        """Remove what a straight run would not have at `step`: later checkpoints and snapshots.
+
+        A run that continues past the final checkpoint keeps it as its step checkpoint."""
+        distributed.barrier()  # every rank has read its checkpoint before rank 0 changes them
+        if self.dist.is_main:
+            if step < self.total_steps():
+                retire_final(self.out, step)
+            remove_checkpoints(self.out, after=step)
+            prune_snapshots(self.out, self.cfg.output_name, set(wanted_steps(self.cfg, step)))
+
+    def _start_over(self, path: Path | None, why: str) -> None:
+        """Train from step 0: no checkpoint or snapshot of an earlier run may survive."""
+        distributed.barrier()
+        if self.dist.is_main:
+            if path is not None:
+                log.warning("%s: %s; starting over, the old checkpoints and snapshots are "
+                            "removed", path, why)  # fmt: skip
+            remove_checkpoints(self.out)
+            prune_snapshots(self.out, self.cfg.output_name, set())
 
     def _other_data(self, path: Path, saved: dict | None, explicit: bool) -> None:
         """Start over (or refuse an explicit --resume_from) when `path` was trained on other data."""
@@ -184,16 +246,38 @@ class Trainer:
                 f"--resume_from {path} was trained on other data ({what}); pass --resume_from "
                 "none to start over, or the --data_dir and settings it was made with"
             )
-        distributed.barrier()  # every rank has read the checkpoints before rank 0 deletes them
-        if self.dist.is_main:
-            log.warning("%s was trained on other data (%s); starting over, the old "
-                        "checkpoints are removed", path, what)  # fmt: skip
-            remove_checkpoints(self.out)
+        self._start_over(path, f"it was trained on other data ({what})")
 
     def save(self, path: Path) -> None:
         if self.dist.is_main:
             save_checkpoint(path, self.state())
+            keep_newest_checkpoints(self.out, self.cfg.save_last_n)
         distributed.barrier()
+
+    def save_snapshot(self, step: int) -> None:
+        """<output_name>-stepNNNNNNNN.safetensors (EMA weights when EMA is on), newest N kept."""
+        if self.dist.is_main:
+            name = self.cfg.output_name
+            with self._exported_weights():
+                write_kohya_file(snapshot_path(self.out, name, step), self.unet, self.cfg,
+                                 self.facts(), optimizer_name(self.optimizer))  # fmt: skip
+            prune_snapshots(self.out, name, set(wanted_steps(self.cfg, step)))
+
+    @contextlib.contextmanager
+    def _exported_weights(self):
+        """The weights users get: the EMA ones when EMA is on (swapped in for the block)."""
+        if self.ema:
+            self.ema.swap()
+        try:
+            yield
+        finally:
+            if self.ema:
+                self.ema.swap()
+
+    def facts(self) -> RunFacts:
+        return RunFacts(steps=self.position.step, max_steps=self.total_steps(),
+                        epochs=self.position.epoch, num_images=len(self.samples),
+                        batches_per_epoch=len(self.epoch_batches(0)), world=self.dist.world)  # fmt: skip
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -278,6 +362,8 @@ class Trainer:
                     if metrics:
                         t0 = self._log(metrics, window, epoch, time.perf_counter() - t0, bar)
                     window = []
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+                    self.save_snapshot(step)
                 if validator and cfg.validation_interval and step % cfg.validation_interval == 0:
                     metrics.log_images(step, validator.run(self.unet, step, self.out))
                 if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
@@ -351,25 +437,16 @@ class Trainer:
         """Write lora_final.{pt,safetensors} (EMA weights when EMA is on) and checkpoint_final.pt."""
         self.save(self.out / FINAL)
         if self.dist.is_main:
-            if self.ema:
-                self.ema.swap()
-            facts = RunFacts(steps=self.position.step, max_steps=self.total_steps(),
-                             epochs=self.position.epoch, num_images=len(self.samples),
-                             batches_per_epoch=len(self.epoch_batches(0)), world=self.dist.world)  # fmt: skip
-            write_lora_files(self.out, self.unet, self.cfg, facts, optimizer_name(self.optimizer))
-            if self.ema:
-                self.ema.swap()
+            with self._exported_weights():
+                write_lora_files(self.out, self.unet, self.cfg, self.facts(),
+                                 optimizer_name(self.optimizer))  # fmt: skip
             metrics.close()
         distributed.barrier()
 
 
-# Settings that may change between a run and its resumption without changing what is learned.
-RESUME_SAFE = {"output_dir", "resume_from", "device", "log_interval", "wandb_project", "wandb_run_name",
-               "validation_prompts", "validation_interval", "num_validation_images",
-               "validation_guidance_scale", "validation_steps", "checkpoint_steps", "save_interval",
-               "num_epochs", "max_steps", "data_dir", "cache_batch_size",
-               "compile", "compile_mode", "cuda_graphs", "checkpointing_mode",
-               "fused_qkv", "gradient_checkpointing"}  # fmt: skip
+# Settings that may change between a run and its resumption without changing what is learned
+# (the length: see Trainer._resume for decaying schedules; snapshots: checked against the files).
+RESUME_SAFE = {*RUNTIME_SETTINGS, *VALIDATION_SETTINGS, *LENGTH_SETTINGS, *SNAPSHOT_SETTINGS}
 
 
 def check_resumable(

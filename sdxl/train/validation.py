@@ -1,21 +1,29 @@
-"""Fixed-seed validation grids during training.
+"""Fixed-seed validation grids: during training (the CLI), or over a run's saved LoRA files.
 
 Prompts are encoded once at start (the text encoders are then freed) and the VAE waits on the
-CPU between runs, so training keeps only the UNet on the GPU.
+CPU between runs, so training keeps only the UNet on the GPU. `validate_run` (the workflow's
+validate_lora rule) draws one grid per snapshot and keeps the grids already drawn from the same
+file with the same settings, so continuing a run draws only the new snapshots.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
+from PIL import Image, PngImagePlugin
 
 from sdxl import schedulers
 from sdxl.images import make_grid
 from sdxl.pipeline import decode_latents, guided_model, to_pil
 from sdxl.text import encode_prompts, load_tokenizers
-from sdxl.utils import atomic_path
+from sdxl.utils import atomic_path, atomic_write_text
 from sdxl.weights import load_component
+
+log = logging.getLogger(__name__)
+GRID_KEY = "sdxl-validation"  # the PNG text chunk with what a grid was drawn from
 
 
 class Validator:
@@ -31,8 +39,16 @@ class Validator:
         self.prompts, self.size, self.guidance = prompts, size, guidance
         self.steps, self.seed, self.scheduler_config = steps, seed, scheduler_config
 
-    @torch.no_grad()
     def run(self, unet: torch.nn.Module, step: int, out_dir: Path) -> Path:
+        """Draw the grid of `unet` as it is at `step` into out_dir/samples (the CLI's layout)."""
+        path = out_dir / "samples" / f"step-{step:07d}.png"
+        with atomic_path(path) as tmp:
+            self.grid(unet).save(tmp, format="PNG")
+        return path
+
+    @torch.no_grad()
+    def grid(self, unet: torch.nn.Module) -> Image.Image:
+        """The prompts side by side, seeds seed+i, sampled with Euler."""
         was_training = unet.training
         unet.eval()
         param = next(unet.parameters())
@@ -53,7 +69,67 @@ class Validator:
         images = to_pil(decode_latents(self.vae, latents))
         self.vae.to("cpu")
         unet.train(was_training)
-        path = out_dir / "samples" / f"step-{step:07d}.png"
-        with atomic_path(path) as tmp:
-            make_grid(images, self.prompts).save(tmp, format="PNG")
-        return path
+        return make_grid(images, self.prompts)
+
+
+def validate_run(lora_files: dict[int, Path], model_dir: Path, prompts: list[str], size: int,
+                 guidance: float, steps: int, seed: int, out_dir: Path, device: str = "cpu",
+                 precision: str = "fp32", code_version: str = "", run: str = "") -> dict:  # fmt: skip
+    """A grid per LoRA file (step -> file) in out_dir, and out_dir/index.json listing them.
+
+    A grid is kept when it was drawn from a file with the same sha256 under the same settings
+    (recorded in the PNG); grids of steps no longer wanted are removed.
+    """
+    from sdxl.prepare import sha256_file
+    from sdxl.weights import model_identity
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"prompts": prompts, "size": size, "guidance_scale": guidance,
+                "sampling_steps": steps, "seed": seed, "precision": precision,
+                "model_id": model_identity(model_dir), "code": code_version}  # fmt: skip
+    grids, todo = [], []
+    for step, path in sorted(lora_files.items()) if prompts else []:
+        entry = {"step": step, "lora": path.name, "sha256": sha256_file(path),
+                 "file": f"step-{step:07d}.png"}  # fmt: skip
+        grids.append(entry)
+        key = json.dumps({**settings, "lora_sha256": entry["sha256"]}, sort_keys=True)
+        if _recorded_key(out_dir / entry["file"]) != key:
+            todo.append((path, out_dir / entry["file"], key))
+    for old in out_dir.glob("step-*.png"):
+        if old.name not in {g["file"] for g in grids}:
+            old.unlink()
+    if todo:
+        _draw(todo, model_dir, prompts, size, guidance, steps, seed, device, precision)
+    log.info("validation grids: %d drawn, %d kept", len(todo), len(grids) - len(todo))
+    index = {"run": run, "prompts": prompts, "seed": seed, "size": size, "guidance_scale": guidance,
+             "sampling_steps": steps, "grids": grids}  # fmt: skip
+    atomic_write_text(out_dir / "index.json", json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def _draw(todo, model_dir, prompts, size, guidance, steps, seed, device, precision) -> None:
+    """Load the model once and draw each (LoRA file, grid path, key) of `todo`."""
+    from sdxl.lora import apply_loras, remove_lora
+    from sdxl.lora_formats import load_lora_file
+    from sdxl.utils import to_dtype
+
+    sched = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
+    validator = Validator(Path(model_dir), prompts, size, guidance, steps, seed, sched)
+    unet = load_component(model_dir, "unet", dtype=to_dtype(precision), device=device)
+    for lora, grid_path, key in todo:
+        apply_loras(unet, [(load_lora_file(lora, unet)[0], 1.0)])
+        image = validator.grid(unet)
+        remove_lora(unet)  # back to the base weights for the next file
+        info = PngImagePlugin.PngInfo()
+        info.add_text(GRID_KEY, key)
+        with atomic_path(grid_path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+
+
+def _recorded_key(path: Path) -> str | None:
+    """The settings a grid PNG was drawn with, or None (missing, unreadable, not ours)."""
+    try:
+        with Image.open(path, formats=["PNG"]) as image:
+            return image.info.get(GRID_KEY)
+    except (OSError, SyntaxError, ValueError):
+        return None
