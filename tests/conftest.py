@@ -22,6 +22,16 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cluster():
+    """The test SLURM cluster (tests/cluster) for one module. One runs per machine at a time:
+    a module on the other pytest-xdist worker waits for it (see cluster_or_skip)."""
+    from tests.cluster.slurm_cluster import cluster_or_skip
+
+    with cluster_or_skip() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def base_state() -> dict[str, torch.Tensor]:
     """Seeded random weights of the tiny UNet (the LoRA and fused-attention tests share them)."""
     from sdxl.models.configs import TINY

@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster, cluster_or_skip
+from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster
 
 TRIVIAL = Path(__file__).resolve().parent / "cluster" / "trivial"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 # A device index the submitting shell pretends to have: jobs must see SLURM's, never this one.
 CANARY_DEVICE = "7"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with cluster_or_skip() as running:
-        yield running
 
 
 def snakemake(cluster: SlurmCluster, workdir: Path, *targets: str) -> Run:

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster, cluster_or_skip
+from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster
 from tests.test_workflow import BIN, DEMO_CONFIG, copy_workflow
 
 # A device the submitting shell pretends to have: SLURM jobs must see SLURM's, never this one.
@@ -41,19 +41,14 @@ SETTINGS = {
     "data": {"policy": "fail"},
     "cache": {"latents": {"shards": 1}},
     "generate": {"num_images": 4, "images_per_shard": 2},
-    "train": {"gpus": 2},  # train_lora asks for two GPUs and runs torchrun
+    # train_lora asks for two GPUs and runs torchrun; no validation prompts: a quick grid job.
+    "train": {"gpus": 2, "max_steps": 2, "validation_prompts": []},
 }
 BAD_IMAGE = "examples/shapes/99_broken.png"
 SLURM_RULES = ["validate_captions", "cache_latents", "cache_text", "train_lora", "validate_lora",
                "generate", "generate", "assemble"]  # fmt: skip
 GPU_RULES = {"cache_latents", "cache_text", "train_lora", "validate_lora", "generate"}
 LOCAL_RULE_LOGS = ["weights", "record_config", "merge_latents", "report"]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with cluster_or_skip() as running:
-        yield running
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -297,7 +292,7 @@ def test_two_gpu_lora_equals_one_process_with_the_same_global_batch(runs, tmp_pa
     diff = sum(((got[k] - want[k]) ** 2).sum() for k in want).sqrt()
     assert diff / sum((want[k] ** 2).sum() for k in want).sqrt() < 1e-3
     one, two = _metrics(tmp_path / "one"), _metrics(run)
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]  # max_steps 2
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a, b)

@@ -186,6 +186,10 @@ class Trainer:
         check_resumable(
             state["config"], self.cfg, path, ignore=set(self.caches.data_key["settings"])
         )
+        if state["position"]["step"] > total:  # only an explicit path gets here
+            raise UserError(f"--resume_from {path} is at step {state['position']['step']}, past "
+                            f"this run's {total} steps; pass an earlier checkpoint, or a larger "
+                            "--max_steps/--num_epochs")  # fmt: skip
         from sdxl.lora import load_lora_state_dict
 
         load_lora_state_dict(self.unet, state["lora"])
@@ -195,7 +199,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
         self.position = Position(**state["position"])
-        self._tidy_from(self.position.step)
+        self._tidy_from(path, self.position.step)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.position.step)
 
@@ -215,14 +219,18 @@ class Trainer:
 
         return load_newest_checkpoint(self.out, usable)
 
-    def _tidy_from(self, step: int) -> None:
-        """Remove what a straight run would not have at `step`: later checkpoints and snapshots.
-
-        A run that continues past the final checkpoint keeps it as its step checkpoint."""
+    def _tidy_from(self, path: Path, step: int) -> None:
+        """Remove what a straight run would not have at `step`: later checkpoints and snapshots,
+        and the final checkpoint unless resumed from (it is written again at the end). A run that
+        continues past the final checkpoint keeps it as its step checkpoint."""
         distributed.barrier()  # every rank has read its checkpoint before rank 0 changes them
         if self.dist.is_main:
-            if step < self.total_steps():
+            final = self.out / FINAL
+            resumed_final = final.is_file() and Path(path).resolve() == final.resolve()
+            if resumed_final and step < self.total_steps():
                 retire_final(self.out, step)
+            elif not resumed_final:
+                final.unlink(missing_ok=True)
             remove_checkpoints(self.out, after=step)
             prune_snapshots(self.out, self.cfg.output_name, set(wanted_steps(self.cfg, step)))
 

@@ -9,6 +9,7 @@ which the Snakemake plugin runs without SLURM_* variables, find it at /run/slurm
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 START, STOP = HERE / "start_slurm.sh", HERE / "stop_slurm.sh"
 OVERLAY = HERE / "overlay"
+MACHINE_LOCK = Path(tempfile.gettempdir()) / "sdxl-test-slurm.lock"
 CANNOT_RUN_HERE = 2  # start_slurm.sh's exit code when it is not root or cannot install SLURM
 # Memory is not a consumable on the test cluster (CR_Core, no cgroups): RealMemory is only the
 # largest --mem a job may ask for, so it is set high enough for a real profile's GPU rules.
@@ -101,18 +103,24 @@ def stop_cluster(cluster: SlurmCluster) -> None:
 
 @contextmanager
 def cluster_or_skip(cpus: int | None = None, mem_mb: int = MEM_MB) -> Iterator[SlurmCluster]:
-    """A running cluster for the `with` block; skips the test where this machine cannot run one."""
-    # A short path: munge's socket path must stay under the 108-byte limit.
-    state = Path(tempfile.mkdtemp(prefix="sdxl-slurm-"))
-    try:
-        cluster = start_cluster(state, cpus, mem_mb)
-    except ClusterUnavailable as err:
-        shutil.rmtree(state, ignore_errors=True)
-        pytest.skip(f"no test SLURM cluster: {err}")
-    try:
-        yield cluster
-    finally:
-        stop_cluster(cluster)
+    """A running cluster for the `with` block; skips the test where this machine cannot run one.
+
+    One test cluster runs per machine (fixed ports and paths): the block holds MACHINE_LOCK, so a
+    second test process (the other pytest-xdist worker) waits for the first one's block to end.
+    """
+    with open(MACHINE_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # A short path: munge's socket path must stay under the 108-byte limit.
+        state = Path(tempfile.mkdtemp(prefix="sdxl-slurm-"))
+        try:
+            cluster = start_cluster(state, cpus, mem_mb)
+        except ClusterUnavailable as err:
+            shutil.rmtree(state, ignore_errors=True)
+            pytest.skip(f"no test SLURM cluster: {err}")
+        try:
+            yield cluster
+        finally:
+            stop_cluster(cluster)
 
 
 # What the executor plugin prints for each job it submits.
