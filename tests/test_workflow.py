@@ -534,6 +534,14 @@ def test_validation_edit_reruns_only_validation_and_keeps_the_training(finished,
     assert [g["step"] for g in index["grids"]] == [2, 4]
 
 
+def test_speed_and_logging_edit_touches_no_result(finished, tmp_path):
+    work = clone(finished, tmp_path / "run")
+    edit_demo(work, train={"log_interval": 2, "compile": False, "wandb_run_name": "renamed"},
+              generate={"channels_last": True})  # fmt: skip
+    before, after = rerun(work, CONFIG_JOBS)
+    assert_same_files(before, after, CONFIG_JOBS)
+
+
 def test_more_images_makes_only_the_new_ones(finished, tmp_path):
     work = clone(finished, tmp_path / "run")
     edit_demo(work, generate={"num_images": 10})

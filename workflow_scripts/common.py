@@ -82,8 +82,9 @@ def code_digest(snakemake) -> str:
     """sha256 of the library code the job runs (its `code` inputs), recorded in what it makes:
     a result kept across reruns must also be one today's code would make."""
     digest = hashlib.sha256()
-    for path in sorted(snakemake.input.code):
-        digest.update(path.encode() + b"\0" + Path(path).read_bytes())
+    for path in sorted(Path(p).resolve() for p in snakemake.input.code):
+        name = path.relative_to(ROOT).as_posix()  # whatever the working directory
+        digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
