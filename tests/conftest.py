@@ -21,10 +21,10 @@ def tiny_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """The test SLURM cluster (tests/cluster) for one module. One runs per machine at a time:
-    a module on the other pytest-xdist worker waits for it (see cluster_or_skip)."""
+    """The test SLURM cluster (tests/cluster), shared by the SLURM test modules (one xdist
+    group). One runs per machine at a time (see cluster_or_skip)."""
     from tests.cluster.slurm_cluster import cluster_or_skip
 
     with cluster_or_skip() as running:

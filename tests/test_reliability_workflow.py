@@ -33,6 +33,9 @@ from test_workflow import (
 
 from sdxl.procs import is_alive
 
+# The tests of the demo run (this module and its sibling share it) run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("demo")
+
 # The hostile markup of add_hostile_inputs (each field has its own alert number).
 MARKUP = re.compile(r"<img src=x onerror=alert\(\d\)>")
 

@@ -19,6 +19,9 @@ import pytest
 
 from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster
 
+# The tests of the test SLURM cluster (one per machine) run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 TRIVIAL = Path(__file__).resolve().parent / "cluster" / "trivial"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 # A device index the submitting shell pretends to have: jobs must see SLURM's, never this one.

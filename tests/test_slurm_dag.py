@@ -32,6 +32,9 @@ import yaml
 from tests.cluster.slurm_cluster import OVERLAY, Run, SlurmCluster
 from tests.test_workflow import BIN, DEMO_CONFIG, copy_workflow
 
+# The tests of the test SLURM cluster (one per machine) run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 # A device the submitting shell pretends to have: SLURM jobs must see SLURM's, never this one.
 CANARY_DEVICE = "7"
 TEST_CONFIG = "test-config.yaml"

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The tests of the demo run (this module and its sibling share it) run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("demo")
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKFLOW = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
