@@ -414,6 +414,34 @@ def test_lr_schedules_warm_up_from_the_first_step():
     assert lrs("cosine")[7] == pytest.approx(5e-4) and lrs("cosine")[-1] == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize(
+    ("kind", "extra", "reference"),
+    [
+        ("linear", {}, "get_linear_schedule_with_warmup"),
+        ("cosine", {}, "get_cosine_schedule_with_warmup"),
+        ("cosine_with_restarts", {"lr_scheduler_num_cycles": 3},
+         "get_cosine_with_hard_restarts_schedule_with_warmup"),
+        ("polynomial", {"lr_scheduler_power": 2.0}, "get_polynomial_decay_schedule_with_warmup"),
+    ],
+)  # fmt: skip
+def test_lr_schedules_have_diffusers_shapes(kind, extra, reference):
+    """Step s of ours takes the rate diffusers' schedule gives at s (we start warmup at step 1)."""
+    import diffusers.optimization as reference_schedules
+
+    from sdxl.train.optim import lr_at
+
+    cfg = _cfg("t", "d", "o", lr_scheduler=kind, warmup_steps=3, learning_rate=2e-3, **extra)
+    kwargs = {"num_cycles": 3} if "restarts" in reference else {}
+    kwargs |= {"power": 2.0, "lr_end": 0.0} if kind == "polynomial" else {}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    schedule = getattr(reference_schedules, reference)(optimizer, 3, 20, **kwargs)
+    want = [2e-3 * schedule.lr_lambdas[0](s) for s in range(1, 21)]
+    assert [lr_at(s, cfg, 20) for s in range(1, 21)] == pytest.approx(want, abs=1e-12)
+    if kind == "cosine_with_restarts":  # after warmup it jumps back up twice: three cycles
+        decay = want[3:]
+        assert sum(b > a for a, b in zip(decay, decay[1:], strict=False)) == 2
+
+
 def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
     from sdxl.data.cache import CachedDataset
     from sdxl.schedulers import NoiseSchedule

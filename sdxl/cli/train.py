@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--learning_rate", type=float, default=d.learning_rate)
     a("--lr_scheduler", default=d.lr_scheduler, choices=LR_SCHEDULES)
+    a(
+        "--lr_scheduler_num_cycles",
+        type=int,
+        default=d.lr_scheduler_num_cycles,
+        help="cosine_with_restarts: how many times the cosine starts again from the base rate",
+    )
+    a(
+        "--lr_scheduler_power",
+        type=float,
+        default=d.lr_scheduler_power,
+        help="polynomial: the decay's power (1: linear)",
+    )
     a("--warmup_steps", type=int, default=d.warmup_steps)
     a("--adam_weight_decay", type=float, default=d.adam_weight_decay)
     a("--adam_beta1", type=float, default=d.adam_beta1)

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from sdxl.errors import UserError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-DECAYING_SCHEDULES = ("linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 PREDICTIONS = ("epsilon", "v_prediction")
 CHECKPOINTING_MODES = ("full", "selective")  # what gradient_checkpointing recomputes
 COMPILE_MODES = ("full", "regional")
@@ -53,6 +53,8 @@ class TrainConfig:
     max_steps: int | None = None
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant"
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: cosine decays from the base rate
+    lr_scheduler_power: float = 1.0  # polynomial: (1 - progress) ** power (1: linear)
     warmup_steps: int = 0
     adam_weight_decay: float = 1e-2
     adam_beta1: float = 0.9
@@ -135,6 +137,12 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError("min_snr_gamma must be positive (leave it unset to disable)")
+        if self.lr_scheduler_num_cycles < 1:
+            raise ValueError(
+                f"lr_scheduler_num_cycles must be at least 1, got {self.lr_scheduler_num_cycles}"
+            )
+        if self.lr_scheduler_power <= 0:
+            raise ValueError(f"lr_scheduler_power must be positive, got {self.lr_scheduler_power}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 

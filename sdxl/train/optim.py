@@ -51,7 +51,12 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (1-based): warmup, then constant/linear/cosine."""
+    """Learning rate for optimizer step `step` (1-based): linear warmup, then the schedule.
+
+    The shapes are diffusers' (`diffusers.optimization`, which kohya uses too) at the same step:
+    cosine_with_restarts restarts from the base rate lr_scheduler_num_cycles times (hard
+    restarts), polynomial decays as (1 - progress) ** lr_scheduler_power to 0.
+    """
     base, warm = cfg.learning_rate, cfg.warmup_steps
     if warm and step <= warm:
         return base * step / warm
@@ -61,6 +66,16 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     progress = min(max(step - warm, 0) / span, 1.0)
     if cfg.lr_scheduler == "linear":
         return base * (1.0 - progress)
+    if cfg.lr_scheduler == "polynomial":
+        return base * (1.0 - progress) ** cfg.lr_scheduler_power
+    if cfg.lr_scheduler == "cosine_with_restarts":
+        if progress >= 1.0:
+            return 0.0
+        return (
+            base
+            * 0.5
+            * (1.0 + math.cos(math.pi * ((cfg.lr_scheduler_num_cycles * progress) % 1.0)))
+        )
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
