@@ -442,6 +442,56 @@ def test_lr_schedules_have_diffusers_shapes(kind, extra, reference):
         assert sum(b > a for a, b in zip(decay, decay[1:], strict=False)) == 2
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "lr"), [("adamw", 1e-3), ("prodigy", 1.0), ("adafactor", 1e-3), ("lion", 1e-4)]
+)
+def test_each_optimizer_trains_and_resumes(tiny_dir, cache_dir, tmp_path, optimizer, lr):
+    """Each optimizer moves the LoRA (up matrices start at zero), and its state resumes exactly."""
+    kw = dict(optimizer=optimizer, learning_rate=lr, max_steps=3, checkpoint_steps=1)
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_dir, cache_dir, straight, **kw))
+    lora = _lora(straight)
+    ups = [v for k, v in lora.items() if "lora_up" in k]
+    assert ups and all(v.abs().sum() > 0 for v in ups)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(StopTraining):
+        train(_cfg(tiny_dir, cache_dir, resumed, **kw), stop_after=2)
+    train(_cfg(tiny_dir, cache_dir, resumed, **kw))
+    assert all(torch.equal(lora[k], _lora(resumed)[k]) for k in lora)
+    meta = _header(straight / "lora_final.safetensors")["ss_optimizer"]
+    assert {"adamw": "AdamW", "prodigy": "Prodigy", "adafactor": "Adafactor", "lion": "Lion"}[
+        optimizer
+    ] in meta
+
+
+def test_optimizer_args_reach_the_optimizer(tiny_dir, cache_dir, tmp_path):
+    from sdxl.train.config import TrainConfig
+    from sdxl.train.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = TrainConfig(data_dir="d", optimizer="prodigy", learning_rate=1.0,
+                      optimizer_args=("d_coef=2.0", "safeguard_warmup=True"))  # fmt: skip
+    group = make_optimizer(params, cfg).param_groups[0]
+    assert group["d_coef"] == 2.0 and group["safeguard_warmup"] is True
+    with pytest.raises(UserError, match="--optimizer lion: .*no_such_arg"):
+        make_optimizer(params, TrainConfig(data_dir="d", optimizer="lion",
+                                           optimizer_args=("no_such_arg=1",)))  # fmt: skip
+    with pytest.raises(UserError, match="write key=value"):
+        make_optimizer(params, TrainConfig(data_dir="d", optimizer_args=("d_coef",)))
+
+
+def test_a_missing_optimizer_package_is_one_clear_error(monkeypatch):
+    import sys
+
+    from sdxl.train.config import TrainConfig
+    from sdxl.train.optim import make_optimizer
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import fails as if not installed
+    with pytest.raises(UserError, match="needs prodigyopt: install it with `uv sync --extra"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))],
+                       TrainConfig(data_dir="d", optimizer="prodigy"))  # fmt: skip
+
+
 def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
     from sdxl.data.cache import CachedDataset
     from sdxl.schedulers import NoiseSchedule

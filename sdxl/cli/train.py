@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.errors import UserError
-from sdxl.train.config import LR_SCHEDULES, PRECISIONS, PREDICTIONS, TrainConfig
+from sdxl.train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PREDICTIONS, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_beta2", type=float, default=d.adam_beta2)
     a("--adam_epsilon", type=float, default=d.adam_epsilon)
     a("--8_bit_adam", dest="use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
+    a(
+        "--optimizer",
+        default=d.optimizer,
+        choices=OPTIMIZERS,
+        help="adamw (torch, fused), adamw8bit (bitsandbytes), prodigy (prodigyopt), adafactor "
+        "(torch), lion (lion-pytorch); `uv sync --extra optimizers` installs the packages",
+    )
+    a(
+        "--optimizer_args",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra optimizer arguments as kohya writes them, e.g. d_coef=2.0 decouple=True",
+    )
     a("--max_grad_norm", type=float, default=d.max_grad_norm, help="<= 0 disables clipping")
     a("--precision", default=d.precision, choices=PRECISIONS)
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)

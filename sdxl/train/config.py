@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from sdxl.errors import UserError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -60,7 +61,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
+    use_8bit_adam: bool = False  # the original flag: the same as optimizer adamw8bit
+    optimizer: str = "adamw"
+    optimizer_args: tuple[str, ...] = ()  # kohya's key=value extras for the optimizer
     max_grad_norm: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = True
@@ -108,6 +111,11 @@ class TrainConfig:
     def __post_init__(self):
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(
+                f"use_8bit_adam is AdamW8bit; it contradicts optimizer {self.optimizer!r}"
+            )
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("checkpointing_mode", self.checkpointing_mode, CHECKPOINTING_MODES)
         if self.prediction_type is not None:
@@ -166,7 +174,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; valid: {sorted(known)}")
         values = dict(values)
-        for key in ("lora_targets", "validation_prompts"):
+        for key in ("lora_targets", "validation_prompts", "optimizer_args"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -31,8 +31,9 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     """kohya's ss_optimizer style: the class path and its non-default settings."""
     cls = type(optimizer)
     group = optimizer.param_groups[0]
-    args = f"weight_decay={group['weight_decay']},betas={tuple(group['betas'])}"
-    return f"{cls.__module__}.{cls.__name__}({args})"
+    shown = [f"{k}={tuple(group[k]) if k == 'betas' else group[k]}"
+             for k in ("weight_decay", "betas") if k in group]  # fmt: skip
+    return f"{cls.__module__}.{cls.__name__}({','.join(shown)})"
 
 
 def training_metadata(cfg: TrainConfig, facts: RunFacts, optimizer_label: str) -> dict[str, str]:

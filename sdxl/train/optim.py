@@ -15,34 +15,77 @@ from sdxl.train.config import TrainConfig
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with fp32 states, or bitsandbytes' 8-bit AdamW when asked.
+    """The optimizer `cfg.optimizer` names over the fp32 LoRA parameters, with `optimizer_args`.
 
-    torch's AdamW is the fused kernel with a tensor learning rate: its step can be skipped on
-    the device (`found_inf`, as GradScaler does) and, capturable on CUDA, it can be replayed in
-    a CUDA graph. Where the build has no fused kernel for the device it is the plain AdamW.
+    adamw is torch's fused kernel with a tensor learning rate: its step can be skipped on the
+    device (`found_inf`, as GradScaler does) and, capturable on CUDA, it can be replayed in a
+    CUDA graph (where the build has no fused kernel for the device, the plain AdamW). The others
+    come from their usual packages (bitsandbytes, prodigyopt, lion-pytorch; torch's Adafactor),
+    take the shared settings that apply to them, and skip a non-finite step with one host sync.
     """
-    kwargs = dict(
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.adam_weight_decay,
-    )
-    if cfg.use_8bit_adam:
+    name = "adamw8bit" if cfg.use_8bit_adam else cfg.optimizer
+    extra = parse_optimizer_args(cfg.optimizer_args)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    common = {"lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay}
+    if name == "adamw":
+        device = params[0].device
+        kwargs = {**common, "betas": betas, "eps": cfg.adam_epsilon, **extra}
         try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(
-                "--8_bit_adam needs bitsandbytes: install it with `uv pip install bitsandbytes` "
-                "(CUDA only), or drop the flag to use AdamW"
-            ) from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    device = params[0].device
-    lr = torch.tensor(cfg.learning_rate, device=device)
+            return _build("adamw", torch.optim.AdamW, params, fused=True,
+                          capturable=device.type == "cuda",
+                          **{**kwargs, "lr": torch.tensor(cfg.learning_rate, device=device)})  # fmt: skip
+        except RuntimeError:  # this build has no fused AdamW for the device
+            return _build("adamw", torch.optim.AdamW, params, **kwargs)
+    if name == "adafactor":
+        return _build(name, torch.optim.Adafactor, params, **common, **extra)
+    cls = _import_optimizer(name)
+    kwargs = {**common, "betas": betas, **({"eps": cfg.adam_epsilon} if name != "lion" else {})}
+    return _build(name, cls, params, **kwargs, **extra)
+
+
+# name -> (module, class, package to install), for the optimizers of other packages.
+_PACKAGES = {
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes (CUDA only)"),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+}
+
+
+def _import_optimizer(name: str) -> type:
+    import importlib
+
+    module, cls, package = _PACKAGES[name]
     try:
-        return torch.optim.AdamW(params, fused=True, capturable=device.type == "cuda",
-                                 **{**kwargs, "lr": lr})  # fmt: skip
-    except RuntimeError:  # this build has no fused AdamW for the device
-        return torch.optim.AdamW(params, **kwargs)
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        raise UserError(
+            f"--optimizer {name} needs {package}: install it with `uv sync --extra optimizers` "
+            f"(or `uv pip install {package.split()[0]}`), or choose another --optimizer"
+        ) from None
+
+
+def _build(name: str, cls: type, params, **kwargs) -> torch.optim.Optimizer:
+    """cls(params, **kwargs); an argument the optimizer does not take is one clear error."""
+    try:
+        return cls(params, **kwargs)
+    except TypeError as err:
+        raise UserError(f"--optimizer {name}: {err}; check --optimizer_args") from None
+
+
+def parse_optimizer_args(args: tuple[str, ...] | list[str]) -> dict:
+    """kohya's `key=value` optimizer arguments; values are Python literals, else strings."""
+    import ast
+
+    out = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--optimizer_args {arg!r}: write key=value, e.g. d_coef=2.0")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:

@@ -133,7 +133,7 @@ class TrainStep:
         if self.scaler is not None:
             return "fp16 loss scaling is not captured; use bf16"
         if not skips_on_device(self.optimizer):
-            return "this optimizer cannot skip a step on the device (8-bit AdamW)"
+            return f"--optimizer {self.cfg.optimizer} cannot skip a step on the device (only adamw)"
         return None
 
     # ------------------------------------------------------------------ staging
