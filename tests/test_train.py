@@ -492,6 +492,27 @@ def test_a_missing_optimizer_package_is_one_clear_error(monkeypatch):
                        TrainConfig(data_dir="d", optimizer="prodigy"))  # fmt: skip
 
 
+def test_tensorboard_gets_the_metrics_and_grids_without_repeats_after_a_resume(
+    tiny_dir, cache_dir, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    kw = dict(report_to="tensorboard", max_steps=4, checkpoint_steps=2, validation_interval=2,
+              validation_prompts=("a red circle",), num_validation_images=1, validation_steps=1)  # fmt: skip
+    with pytest.raises(StopTraining):
+        train(_cfg(tiny_dir, cache_dir, out, **kw), stop_after=3)
+    train(_cfg(tiny_dir, cache_dir, out, **kw))  # resumes at step 2: step 3 is logged again
+    events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]  # step 3 once: the resumed run's
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows])
+    assert {"train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("validation/grid")] == [2, 4]
+
+
 def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
     from sdxl.data.cache import CachedDataset
     from sdxl.schedulers import NoiseSchedule

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.errors import UserError
-from sdxl.train.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PREDICTIONS, TrainConfig
+from sdxl.train.config import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREDICTIONS,
+    REPORT_TO,
+    TrainConfig,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a longer run continues a shorter one) or 'none'",
     )
     a("--log_interval", type=int, default=d.log_interval)
+    a(
+        "--report_to",
+        default=d.report_to,
+        choices=REPORT_TO,
+        help="where metrics (and validation grids) go besides metrics.csv; --wandb_project "
+        "alone also means wandb",
+    )
+    a("--logging_dir", default=None, help="TensorBoard's folder (default: output_dir/logs)")
     a("--wandb_project", default=None)
     a("--wandb_run_name", default=None)
     a("--validation_caption_file", default=None, help="prompts for validation grids, one per line")

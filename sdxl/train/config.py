@@ -8,6 +8,7 @@ from sdxl.errors import UserError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")  # diffusers' --report_to
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -20,9 +21,10 @@ COMPILE_MODES = ("full", "regional")
 # Speed, logging and bookkeeping: a checkpoint made under other values resumes, and the workflow
 # reruns nothing when they change. (compile and fused_qkv change float rounding, not the maths.)
 RUNTIME_SETTINGS = ("compile", "compile_mode", "cuda_graphs", "checkpointing_mode",
-                    "gradient_checkpointing", "fused_qkv", "log_interval", "wandb_project",
-                    "wandb_run_name", "checkpoint_steps", "save_interval", "device", "output_dir",
-                    "resume_from", "data_dir", "cache_batch_size")  # fmt: skip
+                    "gradient_checkpointing", "fused_qkv", "log_interval", "report_to",
+                    "logging_dir", "wandb_project", "wandb_run_name", "checkpoint_steps",
+                    "save_interval", "device", "output_dir", "resume_from", "data_dir",
+                    "cache_batch_size")  # fmt: skip
 # Validation grids: drawn during training by the CLI, by their own rule in the workflow.
 VALIDATION_SETTINGS = ("validation_prompts", "validation_interval", "num_validation_images",
                        "validation_guidance_scale", "validation_steps")  # fmt: skip
@@ -98,6 +100,10 @@ class TrainConfig:
     output_name: str = "lora"  # the snapshots' file name prefix
     resume_from: str | None = "auto"
     log_interval: int = 10
+    report_to: str = (
+        "none"  # also where metrics go besides metrics.csv; wandb_project implies wandb
+    )
+    logging_dir: str | None = None  # TensorBoard's folder; None: output_dir/logs
     wandb_project: str | None = None
     wandb_run_name: str | None = None
     validation_prompts: tuple[str, ...] = ()
@@ -112,6 +118,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("report_to", self.report_to, REPORT_TO)
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(
                 f"use_8bit_adam is AdamW8bit; it contradicts optimizer {self.optimizer!r}"
@@ -153,6 +160,12 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler_power must be positive, got {self.lr_scheduler_power}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def trackers(self) -> set[str]:
+        """Where metrics go besides metrics.csv: tensorboard and/or wandb."""
+        chosen = {"tensorboard", "wandb"} if self.report_to == "all" else {self.report_to}
+        return (chosen - {"none"}) | ({"wandb"} if self.wandb_project else set())
 
     @property
     def schedule_depends_on_length(self) -> bool:

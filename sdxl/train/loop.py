@@ -339,8 +339,10 @@ class Trainer:
         cfg = self.cfg
         metrics = validator = None
         if self.dist.is_main:
-            metrics = MetricsLog(self.out / "metrics.csv", self.position.step, cfg.wandb_project,
-                                 cfg.wandb_run_name, cfg.to_dict())  # fmt: skip
+            metrics = MetricsLog(self.out / "metrics.csv", self.position.step, cfg.trackers,
+                                 cfg.to_dict(), wandb_project=cfg.wandb_project,
+                                 run_name=cfg.wandb_run_name,
+                                 logging_dir=Path(cfg.logging_dir) if cfg.logging_dir else None)  # fmt: skip
             validator = self._validator()
         # A with-block closes the bar on errors too, so an error message starts its own line.
         with tqdm(total=self.total_steps(), initial=self.position.step, desc="train",

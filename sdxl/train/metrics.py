@@ -1,7 +1,8 @@
-"""metrics.csv (always) and Weights & Biases (when a project is set; offline mode works).
+"""metrics.csv (always), TensorBoard and Weights & Biases (as --report_to says).
 
 The W&B run id is kept in output_dir/wandb-run-id, so a resumed run continues the same W&B run
-instead of opening a new one.
+instead of opening a new one; TensorBoard drops the events past the resumed step (purge_step),
+so a resumed run's curves have no repeated steps, as metrics.csv.
 """
 
 from __future__ import annotations
@@ -20,14 +21,9 @@ COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "peak_mem
 class MetricsLog:
     """Append rows to metrics.csv; on resume, rows past the resumed step are dropped."""
 
-    def __init__(
-        self,
-        path: Path,
-        resume_step: int,
-        wandb_project: str | None,
-        run_name: str | None,
-        config: dict,
-    ):
+    def __init__(self, path: Path, resume_step: int, trackers: set[str] = frozenset(),
+                 config: dict | None = None, *, wandb_project: str | None = None,
+                 run_name: str | None = None, logging_dir: Path | None = None):  # fmt: skip
         self.path = path
         rows = []
         if resume_step and path.exists():
@@ -37,28 +33,54 @@ class MetricsLog:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        self.wandb = None
-        if wandb_project:
-            self.wandb = _wandb_run(path.parent, resume_step, wandb_project, run_name, config)
+        self.wandb = self.tensorboard = None
+        if "wandb" in trackers:
+            project = wandb_project or "sdxl-pipeline"
+            self.wandb = _wandb_run(path.parent, resume_step, project, run_name, config or {})
+        if "tensorboard" in trackers:
+            self.tensorboard = _tensorboard(logging_dir or path.parent / "logs", resume_step)
 
     def log(self, row: dict) -> None:
-        """Append one row to metrics.csv (and send it to W&B)."""
+        """Append one row to metrics.csv (and send it to the trackers)."""
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, COLUMNS).writerow({k: row.get(k, "") for k in COLUMNS})
+        scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and v != ""}
         if self.wandb is not None:
-            self.wandb.log(
-                {f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"]
-            )
+            self.wandb.log(scalars, step=row["step"])
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, float(value), row["step"])
 
     def log_images(self, step: int, path: Path) -> None:
         if self.wandb is not None:
             import wandb
 
             self.wandb.log({"validation/grid": wandb.Image(str(path))}, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.tensorboard.add_image("validation/grid", pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _tensorboard(folder: Path, resume_step: int):
+    """A SummaryWriter in `folder` that forgets the events past `resume_step`."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "--report_to tensorboard needs tensorboard: install it with `uv sync --extra "
+            "tensorboard`, or pass --report_to none"
+        ) from None
+    return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
 
 
 def _wandb_run(folder: Path, resume_step: int, project: str, name: str | None, config: dict):
