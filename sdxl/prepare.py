@@ -276,6 +276,52 @@ def prepare_weights(
     return model_dir
 
 
+def models_cache() -> Path:
+    """Where commands keep the diffusers folders they make from Hub ids and single files."""
+    root = os.environ.get("SDXL_CACHE_DIR")
+    if root:
+        return Path(root) / "models"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl-pipeline/models"
+
+
+def model_folder(source: str, config_source: str | None = None) -> Path:
+    """A diffusers-layout folder for any weights source, as the weights stage makes it.
+
+    builtin:tiny and folders are used as they are. A Hub repo id is downloaded (resumable) and a
+    single .safetensors file converted once, into models_cache(): the folder is reused while the
+    file's size and mtime (or the repo id) are the same, and made under a lock, atomically, so
+    a killed or concurrent command never sees half of it.
+    """
+    from sdxl.procs import folder_lock
+
+    kind = source_kind(source)
+    if kind == "tiny":
+        from sdxl.tiny import default_tiny_dir, write_tiny_sdxl
+
+        return write_tiny_sdxl(default_tiny_dir())
+    if kind == "folder":
+        return Path(source).expanduser()
+    if kind == "file":
+        path = Path(source).expanduser().resolve()
+        stat = path.stat()
+        key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{config_source}"
+        name = f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    else:
+        name = source.replace("/", "--")
+    target = models_cache() / name
+    with folder_lock(target.parent / f".{name}", "this model's conversion"):
+        if not (target / "manifest.json").is_file():
+            log.info("making the diffusers folder of %s in %s (once)", source, target)
+            staging = target.parent / f".{name}" / "model"
+            shutil.rmtree(staging, ignore_errors=True)
+            download = str(models_cache() / "downloads" / name) if kind == "hub" else None
+            cfg = WeightsConfig(source=source, config_source=config_source, download_dir=download)
+            prepare_weights(cfg, staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

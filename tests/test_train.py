@@ -513,6 +513,54 @@ def test_tensorboard_gets_the_metrics_and_grids_without_repeats_after_a_resume(
     assert [e.step for e in events.Images("validation/grid")] == [2, 4]
 
 
+def test_a_single_file_model_trains_like_its_diffusers_folder(
+    tiny_dir, small_dataset, tmp_path, monkeypatch
+):
+    """--pretrained_model may be a single .safetensors: converted once (cached), then the same
+    LoRA as from the folder."""
+    from sdxl.weights import COMPONENTS, load_component_state_dict, save_single_file
+
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    single = save_single_file({n: load_component_state_dict(tiny_dir / n) for n in COMPONENTS},
+                              tmp_path / "tiny.safetensors")  # fmt: skip
+    kw = dict(max_steps=2, config_source=str(tiny_dir))
+    train(_cfg(tiny_dir, small_dataset, tmp_path / "folder", **kw))
+    train(_cfg(single, small_dataset, tmp_path / "file", **kw))
+    want, got = _lora(tmp_path / "folder"), _lora(tmp_path / "file")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    (converted,) = (tmp_path / "cache/models").glob("tiny-*")
+    mtime = (converted / "manifest.json").stat().st_mtime_ns
+    train(_cfg(single, small_dataset, tmp_path / "again", **kw))
+    assert (converted / "manifest.json").stat().st_mtime_ns == mtime  # converted once
+
+
+def test_a_hub_repo_id_is_downloaded_once_for_training(tiny_dir, tmp_path, monkeypatch):
+    from sdxl import prepare
+    from sdxl.train.caches import resolve_model_dir
+
+    calls = []
+
+    def fake_download(local_dir, repo_id, revision, variant, weights=True, retries=5):
+        calls.append(repo_id)
+        for name in prepare.list_files(tiny_dir):
+            (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (local_dir / name).write_bytes((tiny_dir / name).read_bytes())
+        return local_dir
+
+    sizes = {name: (tiny_dir / name).stat().st_size for name in prepare.list_files(tiny_dir)}
+    monkeypatch.setattr("sdxl.hub.download_sdxl", fake_download)
+    monkeypatch.setattr(prepare, "hub_sizes", lambda repo, files, rev: {f: sizes[f] for f in files})
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    model = resolve_model_dir("someone/sdxl-finetune")
+    assert model == tmp_path / "cache/models/someone--sdxl-finetune"
+    assert (model / "unet/diffusion_pytorch_model.safetensors").is_file()
+    assert resolve_model_dir("someone/sdxl-finetune") == model and calls == [
+        "someone/sdxl-finetune"
+    ]
+    with pytest.raises(UserError, match="--pretrained_model: .*no such file"):
+        resolve_model_dir("./no/such/folder")
+
+
 def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
     from sdxl.data.cache import CachedDataset
     from sdxl.schedulers import NoiseSchedule

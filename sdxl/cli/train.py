@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--pretrained_model",
         default=d.pretrained_model,
-        help="diffusers SDXL folder or builtin:tiny",
+        help="diffusers SDXL folder, Hugging Face repo id (downloaded once), single-file "
+        ".safetensors (converted once into ~/.cache/sdxl-pipeline/models) or builtin:tiny",
+    )
+    a(
+        "--config_source",
+        default=None,
+        help="single files: a diffusers folder or Hub id with the configs and tokenizers "
+        "(default: SDXL base 1.0's, fetched once)",
     )
     a("--vae_model", default=None, help="optional diffusers VAE folder used to encode the latents")
     a("--output_dir", default=d.output_dir)

@@ -55,24 +55,25 @@ class CacheBuild:
     reason: str
 
 
-def resolve_model_dir(source: str) -> Path:
-    """A diffusers-layout SDXL folder for `source` (builtin:tiny is written on first use).
+def resolve_model_dir(source: str, config_source: str | None = None) -> Path:
+    """A diffusers-layout SDXL folder for `source`: a folder, builtin:tiny (written on first
+    use), a Hub repo id (downloaded) or a single .safetensors file (converted once; tokenizers
+    and configs from `config_source`, default SDXL base's), as generation and the weights stage
+    take them.
 
-    Only model_index.json or a file's header is read, so a wrong path, random bytes or another
-    model family fail at once with one message, before anything is loaded.
+    Only model_index.json or a file's header is read first, so a wrong path, random bytes or
+    another model family fail at once with one message, before anything is loaded or fetched.
     """
+    from sdxl.prepare import model_folder, source_kind
     from sdxl.weights import WeightsError, check_model_source
 
     try:
-        path = check_model_source(source)
-    except WeightsError as err:
+        kind = source_kind(source)
+        path = check_model_source(source) if kind != "hub" else None
+        if kind in ("hub", "file"):
+            path = check_model_source(model_folder(source, config_source))
+    except (WeightsError, FileNotFoundError, ValueError) as err:
         raise WeightsError(f"--pretrained_model: {err}") from None
-    if path.is_file():
-        raise UserError(
-            f"--pretrained_model {path}: training needs a diffusers-layout SDXL folder, not a "
-            "single file; convert it with `download_weights.sh --from-single-file` or the "
-            "pipeline's weights rule"
-        )
     return path
 
 

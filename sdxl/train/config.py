@@ -24,7 +24,7 @@ RUNTIME_SETTINGS = ("compile", "compile_mode", "cuda_graphs", "checkpointing_mod
                     "gradient_checkpointing", "fused_qkv", "log_interval", "report_to",
                     "logging_dir", "wandb_project", "wandb_run_name", "checkpoint_steps",
                     "save_interval", "device", "output_dir", "resume_from", "data_dir",
-                    "cache_batch_size")  # fmt: skip
+                    "cache_batch_size", "config_source")  # fmt: skip
 # Validation grids: drawn during training by the CLI, by their own rule in the workflow.
 VALIDATION_SETTINGS = ("validation_prompts", "validation_interval", "num_validation_images",
                        "validation_guidance_scale", "validation_steps")  # fmt: skip
@@ -40,7 +40,8 @@ class TrainConfig:
 
     data_dir: str
     output_dir: str = "./outputs"
-    pretrained_model: str = "./weights/sdxl-base-1.0"
+    pretrained_model: str = "./weights/sdxl-base-1.0"  # folder, Hub repo id or single file
+    config_source: str | None = None  # single files: where configs and tokenizers come from
     vae_model: str | None = None
     # LoRA
     lora_rank: int = 8

@@ -516,7 +516,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     try:
         if dist.device.type == "cpu" and cfg.precision == "fp16":
             raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        model_dir = resolve_model_dir(cfg.pretrained_model)
+        model_dir = resolve_model_dir(cfg.pretrained_model, cfg.config_source)
         cfg = for_model(cfg, *read_scheduler_config(model_dir))
         resume_source(cfg)
         build = plan_caches(cfg, model_dir, dist)
