@@ -557,7 +557,7 @@ def test_a_hub_repo_id_is_downloaded_once_for_training(tiny_dir, tmp_path, monke
     assert resolve_model_dir("someone/sdxl-finetune") == model and calls == [
         "someone/sdxl-finetune"
     ]
-    with pytest.raises(UserError, match="--pretrained_model: .*no such file"):
+    with pytest.raises(UserError, match="--pretrained_model: .*no such model folder"):
         resolve_model_dir("./no/such/folder")
 
 

@@ -69,12 +69,15 @@ def resolve_model_dir(source: str, config_source: str | None = None) -> Path:
 
     try:
         kind = source_kind(source)
-        path = check_model_source(source) if kind != "hub" else None
-        if kind in ("hub", "file"):
-            path = check_model_source(model_folder(source, config_source))
-    except (WeightsError, FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError):
+        kind = None  # not there: check_model_source says so, as for any bad path
+    try:
+        if kind == "hub":
+            return check_model_source(model_folder(source, config_source))
+        path = check_model_source(source)
+        return check_model_source(model_folder(source, config_source)) if path.is_file() else path
+    except WeightsError as err:
         raise WeightsError(f"--pretrained_model: {err}") from None
-    return path
 
 
 def read_scheduler_config(model_dir: Path) -> tuple[dict, Path]:
