@@ -25,16 +25,6 @@ from sdxl.models.configs import TINY
 from sdxl.models.unet import KV, QKV, Attention, UNet2DConditionModel, UNetConfig
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, 16, 16, generator=g)
-    context = torch.randn(2, 8, 64, generator=g)
-    text_embeds = torch.randn(2, 32, generator=g)
-    time_ids = torch.tensor([[16.0, 16, 0, 0, 16, 16], [32, 24, 4, 0, 16, 16]])
-    return sample, torch.tensor([10.0, 500.0]), context, text_embeds, time_ids
-
-
 def build(state: dict[str, torch.Tensor], fused: bool) -> UNet2DConditionModel:
     """A tiny UNet loaded strictly from `state` (diffusers names), then fused if asked."""
     unet = UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])).eval()
@@ -73,8 +63,11 @@ def read_file(path) -> tuple[dict[str, str], list[tuple[str, str, tuple, bytes]]
     return meta, [(k, str(t.dtype), tuple(t.shape), t.numpy().tobytes()) for k, t in tensors]
 
 
-def randomize_ups(unet: UNet2DConditionModel, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+def add_lora(unet: UNet2DConditionModel, config: LoRAConfig, seed: int) -> None:
+    """Inject a LoRA (down matrices from `seed`) with random non-zero up matrices (seed + 1), so
+    that it changes the output from the first step."""
+    inject_lora(unet, config, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in lora_modules(unet).values():
             w = layer.lora_up.weight
@@ -131,8 +124,7 @@ def test_fused_lora_training_matches_unfused(base_state, inputs, tmp_path, confi
     target = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     grads, states = {}, {}
     for kind, unet in models.items():
-        inject_lora(unet, config, generator=torch.Generator().manual_seed(3))
-        randomize_ups(unet, seed=4)
+        add_lora(unet, config, seed=3)
         states[kind] = {k: v.clone() for k, v in lora_state_dict(unet).items()}
         save_kohya(tmp_path / kind / "lora_final.safetensors", states[kind])
         params = lora_parameters(unet)
@@ -152,10 +144,7 @@ def test_dropout_lora_on_fused_model_draws_the_same_masks(base_state, inputs):
     outputs = []
     for fused in (False, True):
         unet = build(base_state, fused)
-        inject_lora(
-            unet, LoRAConfig(rank=2, dropout=0.5), generator=torch.Generator().manual_seed(3)
-        )
-        randomize_ups(unet, seed=4)
+        add_lora(unet, LoRAConfig(rank=2, dropout=0.5), seed=3)
         unet.train()
         torch.manual_seed(7)
         with torch.no_grad():
@@ -166,12 +155,7 @@ def test_dropout_lora_on_fused_model_draws_the_same_masks(base_state, inputs):
 def test_foreign_kohya_lora_on_fused_model(base_state, inputs, tmp_path):
     """Per-projection ranks and alphas differ and a group is partly covered, as in the wild."""
     donor = build(base_state, False)
-    inject_lora(
-        donor,
-        LoRAConfig(rank=4, alpha=8.0, target="attention"),
-        generator=torch.Generator().manual_seed(1),
-    )
-    randomize_ups(donor, seed=2)
+    add_lora(donor, LoRAConfig(rank=4, alpha=8.0, target="attention"), seed=1)
     state = {k: v.clone() for k, v in lora_state_dict(donor).items()}
     block = "mid_block.attentions.0.transformer_blocks.0"
     g = torch.Generator().manual_seed(6)
@@ -214,12 +198,7 @@ class _CountAttention(TorchDispatchMode):
 
 def test_selective_checkpointing_keeps_attention_and_same_grads(base_state, inputs):
     unet = build(base_state, True)
-    inject_lora(
-        unet,
-        LoRAConfig(rank=4, alpha=8.0, target="attention_out"),
-        generator=torch.Generator().manual_seed(3),
-    )
-    randomize_ups(unet, seed=4)
+    add_lora(unet, LoRAConfig(rank=4, alpha=8.0, target="attention_out"), seed=3)
     unet.train()
     params = lora_parameters(unet)
     grads, calls = {}, {}

@@ -57,16 +57,6 @@ def ours(base_state, dtype=torch.float32) -> UNet2DConditionModel:
     return unet.to(dtype).eval()
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, 16, 16, generator=g)
-    context = torch.randn(2, 8, 64, generator=g)
-    text_embeds = torch.randn(2, 32, generator=g)
-    time_ids = torch.tensor([[16.0, 16, 0, 0, 16, 16], [32, 24, 4, 0, 16, 16]])
-    return sample, torch.tensor([10.0, 500.0]), context, text_embeds, time_ids
-
-
 @torch.no_grad()
 def run(unet: nn.Module, inputs) -> torch.Tensor:
     sample, t, context, text_embeds, time_ids = inputs

@@ -56,24 +56,13 @@ def test_single_file_is_converted_with_configs_from_a_folder(tiny_dir, tmp_path)
     assert (model / "tokenizer_2/vocab.json").is_file() and (model / "model_index.json").is_file()
 
 
-def test_hub_download_is_checked_and_linked(tiny_dir, tmp_path, monkeypatch):
-    def fake_download(local_dir, repo_id, revision, variant, weights=True, retries=5):
-        for name in prepare.list_files(tiny_dir):
-            (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (local_dir / name).write_bytes((tiny_dir / name).read_bytes())
-        return local_dir
-
-    sizes = {name: (tiny_dir / name).stat().st_size for name in prepare.list_files(tiny_dir)}
-    monkeypatch.setattr("sdxl.hub.download_sdxl", fake_download)
-    monkeypatch.setattr(
-        prepare, "hub_sizes", lambda repo, files, revision: {f: sizes[f] for f in files}
-    )
+def test_hub_download_is_checked_and_linked(fake_hub, tmp_path):
     cfg = WeightsConfig(source="someone/sdxl-finetune", download_dir=str(tmp_path / "download"))
     model = prepare_weights(cfg, tmp_path / "model", tmp_path / "m.json")
     name = "text_encoder_2/model.safetensors"
     assert os.path.samefile(model / name, tmp_path / "download" / name)
     assert json.loads((tmp_path / "m.json").read_text())["source"] == "someone/sdxl-finetune"
-    sizes[name] += 1  # the Hub says the file is longer: an interrupted download
+    fake_hub.sizes[name] += 1  # the Hub says the file is longer: an interrupted download
     with pytest.raises(WeightsError, match="incomplete"):
         prepare_weights(cfg, tmp_path / "model2")
 

@@ -534,29 +534,15 @@ def test_a_single_file_model_trains_like_its_diffusers_folder(
     assert (converted / "manifest.json").stat().st_mtime_ns == mtime  # converted once
 
 
-def test_a_hub_repo_id_is_downloaded_once_for_training(tiny_dir, tmp_path, monkeypatch):
-    from sdxl import prepare
+def test_a_hub_repo_id_is_downloaded_once_for_training(fake_hub, tmp_path, monkeypatch):
     from sdxl.train.caches import resolve_model_dir
 
-    calls = []
-
-    def fake_download(local_dir, repo_id, revision, variant, weights=True, retries=5):
-        calls.append(repo_id)
-        for name in prepare.list_files(tiny_dir):
-            (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (local_dir / name).write_bytes((tiny_dir / name).read_bytes())
-        return local_dir
-
-    sizes = {name: (tiny_dir / name).stat().st_size for name in prepare.list_files(tiny_dir)}
-    monkeypatch.setattr("sdxl.hub.download_sdxl", fake_download)
-    monkeypatch.setattr(prepare, "hub_sizes", lambda repo, files, rev: {f: sizes[f] for f in files})
     monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
     model = resolve_model_dir("someone/sdxl-finetune")
     assert model == tmp_path / "cache/models/someone--sdxl-finetune"
     assert (model / "unet/diffusion_pytorch_model.safetensors").is_file()
-    assert resolve_model_dir("someone/sdxl-finetune") == model and calls == [
-        "someone/sdxl-finetune"
-    ]
+    assert resolve_model_dir("someone/sdxl-finetune") == model
+    assert fake_hub.calls == ["someone/sdxl-finetune"]  # downloaded once
     with pytest.raises(UserError, match="--pretrained_model: .*no such model folder"):
         resolve_model_dir("./no/such/folder")
 
