@@ -285,22 +285,17 @@ def models_cache() -> Path:
 
 
 def model_folder(source: str, config_source: str | None = None) -> Path:
-    """A diffusers-layout folder for any weights source, as the weights stage makes it.
+    """The diffusers-layout folder of a Hub repo id or a single .safetensors file, made as the
+    weights stage makes it: downloaded (resumable) or converted once, into models_cache().
 
-    builtin:tiny and folders are used as they are. A Hub repo id is downloaded (resumable) and a
-    single .safetensors file converted once, into models_cache(): the folder is reused while the
-    file's size and mtime (or the repo id) are the same, and made under a lock, atomically, so
-    a killed or concurrent command never sees half of it.
+    The folder is reused while the file's size and mtime (or the repo id) are the same, and is
+    made under a lock, atomically, so a killed or concurrent command never sees half of it.
     """
     from sdxl.procs import folder_lock
 
     kind = source_kind(source)
-    if kind == "tiny":
-        from sdxl.tiny import default_tiny_dir, write_tiny_sdxl
-
-        return write_tiny_sdxl(default_tiny_dir())
-    if kind == "folder":
-        return Path(source).expanduser()
+    if kind not in ("hub", "file"):
+        raise ValueError(f"{source}: model_folder makes folders of Hub ids and single files only")
     if kind == "file":
         path = Path(source).expanduser().resolve()
         stat = path.stat()
