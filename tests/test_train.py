@@ -476,6 +476,9 @@ def test_optimizer_args_reach_the_optimizer(tiny_dir, cache_dir, tmp_path):
     with pytest.raises(UserError, match="--optimizer lion: .*no_such_arg"):
         make_optimizer(params, TrainConfig(data_dir="d", optimizer="lion",
                                            optimizer_args=("no_such_arg=1",)))  # fmt: skip
+    adamw = TrainConfig(data_dir="d", optimizer_args=("fused=False", "amsgrad=True"))
+    group = make_optimizer(params, adamw).param_groups[0]  # the user's values win
+    assert group["fused"] is False and group["amsgrad"] is True
     with pytest.raises(UserError, match="write key=value"):
         make_optimizer(params, TrainConfig(data_dir="d", optimizer_args=("d_coef",)))
 

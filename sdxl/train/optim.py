@@ -29,13 +29,13 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     common = {"lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay}
     if name == "adamw":
         device = params[0].device
-        kwargs = {**common, "betas": betas, "eps": cfg.adam_epsilon, **extra}
+        plain = {**common, "betas": betas, "eps": cfg.adam_epsilon}
+        fast = {"lr": torch.tensor(cfg.learning_rate, device=device), "fused": True,
+                "capturable": device.type == "cuda"}  # fmt: skip
         try:
-            return _build("adamw", torch.optim.AdamW, params, fused=True,
-                          capturable=device.type == "cuda",
-                          **{**kwargs, "lr": torch.tensor(cfg.learning_rate, device=device)})  # fmt: skip
+            return _build("adamw", torch.optim.AdamW, params, **{**plain, **fast, **extra})
         except RuntimeError:  # this build has no fused AdamW for the device
-            return _build("adamw", torch.optim.AdamW, params, **kwargs)
+            return _build("adamw", torch.optim.AdamW, params, **{**plain, **extra})
     if name == "adafactor":
         return _build(name, torch.optim.Adafactor, params, **common, **extra)
     cls = _import_optimizer(name)
