@@ -4,6 +4,7 @@ import os
 
 from snakemake.utils import validate
 
+from sdxl.dataset_config import caption_settings
 from sdxl.generate.prompts import index_width
 from sdxl.train.config import RUNTIME_SETTINGS, VALIDATION_SETTINGS
 from sdxl.workflow_config import check_config, check_settings
@@ -60,15 +61,18 @@ CODE = {
               "train/checkpoint.py", "train/step.py",
               "train/config.py", "train/data_order.py", "train/distributed.py", "train/ema.py",
               "train/export.py", "train/loop.py", "train/loss.py", "train/metrics.py",
-              "train/optim.py", "train/snapshots.py", "data/cache.py", "lora.py",
-              "lora_formats.py", "models/unet.py", "models/vae.py", "models/clip.py",
-              "schedulers.py", "text.py", "weights.py", "convert.py", "utils.py"],  # fmt: skip
-    "validation": ["train/validation.py", "train/snapshots.py", "train/config.py", "pipeline.py",
+              "train/optim.py", "train/snapshots.py", "train/sample_prompts.py", "data/cache.py",
+              "train/text_encoding.py", "text_lora.py",
+              "lora.py", "lora_formats.py", "models/unet.py", "models/vae.py", "models/clip.py",
+              "schedulers.py", "text.py", "weights.py", "convert.py", "utils.py",
+              "dataset_config.py"],  # fmt: skip
+    "validation": ["train/validation.py", "train/snapshots.py", "train/config.py",
+                   "train/sample_prompts.py", "dataset_config.py", "pipeline.py", "text_lora.py",
                    "schedulers.py", "lora.py", "lora_formats.py", "models/unet.py",
                    "models/vae.py", "models/clip.py", "text.py", "images.py", "weights.py",
                    "convert.py", "utils.py"],  # fmt: skip
     "generate": ["generate/prompts.py", "generate/run.py", "generate/writers.py", "pipeline.py",
-                 "schedulers.py", "lora.py", "lora_formats.py", "models/unet.py",
+                 "schedulers.py", "lora.py", "lora_formats.py", "text_lora.py", "models/unet.py",
                  "models/vae.py", "models/clip.py", "text.py", "weights.py", "convert.py",
                  "utils.py"],  # fmt: skip
     "assemble": ["generate/assemble.py", "generate/coco.py", "generate/prompts.py", "generate/run.py",
@@ -99,26 +103,53 @@ def weights_source(wildcards):
 
 def dataset_files(wildcards):
     """Every image and caption file of the dataset: adding or editing one reruns validation."""
-    root = config["data"]["dir"]
-    if not os.path.isdir(root):
-        raise ValueError(
-            f"data.dir: {root} is not a folder; point it at your image+caption folder"
-        )
     found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            os.path.join(folder, name)
-            for name in sorted(files)
-            if not name.startswith(".") and name.lower().endswith(DATA_SUFFIXES)
-        ]
+    for where, root, suffixes in data_folders():
+        if not os.path.isdir(root):
+            raise ValueError(
+                f"{where}: {root} is not a folder; point it at your images"
+            )
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [
+                os.path.join(folder, name)
+                for name in sorted(files)
+                if not name.startswith(".") and name.lower().endswith(suffixes)
+            ]
     return found
+
+
+def data_folders():
+    """(config key, folder, file suffixes) of data.dir, or of each of data.subsets."""
+    subsets = config["data"]["subsets"]
+    if not subsets:
+        return [("data.dir", config["data"]["dir"], DATA_SUFFIXES)]
+    return [
+        (
+            f"data.subsets[{k}].image_dir",
+            s["image_dir"],
+            DATA_SUFFIXES[:-1] + (s.get("caption_extension", ".txt").lower(),),
+        )
+        for k, s in enumerate(subsets)
+    ]
+
+
+def data_settings():
+    """What the validated items depend on: data.subsets' caption rules, not how training uses
+    the items (repeats, is_reg, shuffling, dropout, flips: train_settings has those)."""
+    return {**config["data"], "subsets": caption_settings(config["data"]["subsets"])}
 
 
 def prompts_file(wildcards):
     """The prompt file, through a function: Snakemake writes every rule's literal input paths
     unescaped into report.html, and this one is the user's to choose."""
     return config["generate"]["prompts_file"]
+
+
+def sample_prompts_file(wildcards):
+    """train.sample_prompts, when set (an input: editing it reruns only validation)."""
+    path = config["train"]["sample_prompts"]
+    return [path] if path else []
 
 
 def train_settings():
@@ -132,7 +163,11 @@ def train_settings():
     """
     skip = {*RUNTIME_SETTINGS, *VALIDATION_SETTINGS}
     learned = {k: v for k, v in config["train"].items() if k not in skip}
-    return {**learned, "image_size": config["cache"]["latents"]["image_size"]}
+    return {
+        **learned,
+        "image_size": config["cache"]["latents"]["image_size"],
+        "subsets": config["data"]["subsets"],
+    }
 
 
 def validation_settings():

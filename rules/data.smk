@@ -14,8 +14,9 @@ rule validate_captions:
     conda:
         "../envs/torch.yaml"
     params:
-        data=config["data"],
+        data=data_settings(),
+        folders=", ".join(folder for _, folder, _ in data_folders()),
     message:
-        "Validating the images and captions of {params.data[dir]}"
+        "Validating the images and captions of {params.folders}"
     script:
         "../workflow_scripts/validate_captions.py"

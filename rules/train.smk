@@ -34,6 +34,7 @@ rule validate_lora:
         lora=rules.train_lora.output.lora,
         model=rules.weights.output.model,
         manifest=rules.weights.output.manifest,
+        samples=sample_prompts_file,
         code=code("validation"),
     # The grids beside index.json are not declared: a rerun keeps those of unchanged snapshots.
     output:

@@ -17,12 +17,16 @@ def make_grid(
     images: list[Image.Image], captions: list[str] | None = None, cols: int | None = None,
     caption_lines: int = 2,
 ) -> Image.Image:  # fmt: skip
-    """Tile images (all resized to the first one's size) with optional captions underneath."""
+    """Tile images in cells of the largest width and height, captions underneath.
+
+    Each image keeps its size (centred at the top of its cell), so samples of other aspect
+    ratios stay as drawn; images of one size tile edge to edge.
+    """
     if not images:
         raise ValueError("make_grid needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    w, h = max(im.width for im in images), max(im.height for im in images)
     font = ImageFont.load_default()
     line_h = 12 if captions else 0
     cell_h = h + line_h * caption_lines
@@ -31,7 +35,7 @@ def make_grid(
     chars = max(8, w // 6)
     for i, image in enumerate(images):
         x, y = (i % cols) * w, (i // cols) * cell_h
-        grid.paste(image.convert("RGB").resize((w, h)), (x, y))
+        grid.paste(image.convert("RGB"), (x + (w - image.width) // 2, y))
         if captions:
             lines = textwrap.wrap(captions[i], chars)[:caption_lines]
             for k, line in enumerate(lines):

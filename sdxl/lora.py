@@ -41,7 +41,7 @@ _CONV_PATTERNS = (
     r"(?:^|\.)resnets\.\d+\.(?:conv1|conv2|conv_shortcut)$",
     r"(?:^|\.)(?:downsamplers|upsamplers)\.0\.conv$",
 )
-_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class LoRAConfig:
     conv: bool = False
     conv_rank: int | None = None
     conv_alpha: float | None = None
+    dora: bool = False  # DoRA (weight-decomposed) layers instead of plain LoRA
 
     def __post_init__(self):
         _check_rank("rank", self.rank)
@@ -75,6 +76,8 @@ class LoRAConfig:
             _check_rank("conv_rank", self.conv_rank)
         if self.conv_alpha is not None:
             _check_alpha("conv_alpha", self.conv_alpha)
+        if not isinstance(self.dora, bool):
+            raise ValueError(f"LoRA dora must be true or false, got {self.dora!r}")
         uses_conv = self.conv or not isinstance(self.target, str)
         if not uses_conv and (self.conv_rank is not None or self.conv_alpha is not None):
             raise ValueError("LoRA conv_rank/conv_alpha are set but conv is false")
@@ -234,7 +237,104 @@ class LoRAConv2d(_LoRALayer):
         return _adopt(plain, self)
 
 
-LoRAModule = LoRALinear | LoRAConv2d
+class _DoRA:
+    """DoRA on a LoRA layer (Liu et al. 2024, arXiv:2402.09353), numerically as peft's use_dora.
+
+    W' = m * (W + s up@down) / ||W + s up@down||, the norm per output row (channel) and detached
+    (paper §4.3), m = `dora_scale` [out, 1(, 1, 1)] (fp32, trainable, initialised to ||W||), s =
+    alpha / r. The forward adds (m/n - 1) W x + (m/n) s up(down(x)), dropout on x, as peft does.
+    `multiplier` interpolates, W + multiplier * (W' - W) (0 = off, 1 = W'), as ComfyUI does.
+    """
+
+    def _init_magnitude(self) -> None:
+        norm = self._norm(self.weight.detach().float()).to(self.lora_down.weight.device)
+        self.dora_scale = nn.Parameter(norm)  # (out, 1[, 1, 1])
+
+    @staticmethod
+    def _norm(weight: torch.Tensor) -> torch.Tensor:
+        """||W||_2 per output row, shaped (out, 1[, 1, 1]) to broadcast over W."""
+        return weight.flatten(1).norm(dim=1).view(-1, *[1] * (weight.ndim - 1))
+
+    def _lora_delta(self) -> torch.Tensor:
+        """s * up @ down in fp32 (no multiplier), shaped like `weight`."""
+        up = self.lora_up.weight.float().flatten(1)  # (out, r)
+        down = self.lora_down.weight.float().flatten(1)  # (r, in * k * k)
+        return (up @ down).view(self.weight.shape) * (self.alpha.float() / self.rank)
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """m / ||W + s up@down|| (the norm detached), fp32, shaped (out, 1[, 1, 1])."""
+        if self.merged:
+            raise ValueError("DoRA layer is merged; call unmerge_lora first")
+        with torch.no_grad():
+            norm = self._norm(self.weight.float() + self._lora_delta())
+        return self.dora_scale / norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if self.merged:
+            return y
+        return y + self.dora_forward(x, y).to(y.dtype)
+
+    def dora_forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The DoRA term alone in fp32; y: the base output for x, if already computed."""
+        dtype = self.lora_down.weight.dtype
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            x, y = self.dropout(x), None  # peft: the base term sees the dropped x too
+        y = self.base_forward(x) if y is None else y
+        if self.bias is not None:
+            y = y - self.bias.view(-1, *[1] * (y.ndim - 2 if self.weight.ndim == 4 else 0))
+        g = self.magnitude_scale().view(-1, *[1] * (self.weight.ndim - 2))  # (out[, 1, 1])
+        lora = self.lora_up(self.lora_down(x.to(dtype))) * (self.alpha / self.rank)
+        return ((g - 1) * y.to(dtype) + g * lora) * self.multiplier
+
+    def delta_weight(self) -> torch.Tensor:
+        """multiplier * (W' - W) in fp32, shaped like `weight` (from the unmerged weight)."""
+        w = self.weight.float()
+        scale = self.magnitude_scale().detach()
+        return (scale * (w + self._lora_delta()) - w) * self.multiplier
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Bake W + multiplier * (W' - W) into `weight` (fp32 maths, then cast)."""
+        if self.merged:
+            raise ValueError("LoRA is already merged; call unmerge_lora first")
+        # W + u (g (W + D) - W) = a W + b D with per-row a, b: kept to invert it exactly.
+        g = self.magnitude_scale()
+        self._merged_ab = (1 + self.multiplier * (g - 1), self.multiplier * g)
+        a, b = self._merged_ab
+        self.weight.copy_((a * self.weight.float() + b * self._lora_delta()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge` (exact in fp32, within rounding in bf16/fp16)."""
+        if self.merged:
+            a, b = self._merged_ab
+            w = (self.weight.float() - b * self._lora_delta()) / a
+            self.weight.copy_(w.to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return "dora, " + super().extra_repr()
+
+
+class DoRALinear(_DoRA, LoRALinear):
+    """LoRALinear with DoRA's magnitude; state dict adds dora_scale [out, 1]."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self._init_magnitude()
+
+
+class DoRAConv2d(_DoRA, LoRAConv2d):
+    """LoRAConv2d with DoRA's magnitude; state dict adds dora_scale [out, 1, 1, 1]."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self._init_magnitude()
+
+
+LoRAModule = LoRALinear | LoRAConv2d  # DoRALinear / DoRAConv2d are subclasses
 
 
 def stacked_lora_delta(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
@@ -243,7 +343,8 @@ def stacked_lora_delta(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Te
     For a fused projection GEMM (`Attention.fuse_projections`): one down GEMM over
     cat(down_q, down_k, down_v) and one up GEMM over the block diagonal of the scaled ups, instead
     of six small GEMMs. Ranks and alphas may differ per layer; a plain Linear or a merged LoRA
-    gets an empty block. In training with dropout each LoRA draws its own mask, as unfused.
+    gets an empty block. In training with dropout each LoRA draws its own mask, as unfused;
+    DoRA layers are also computed one by one.
     None when no layer has an active LoRA. Runs in the factors' dtype (fp32).
     """
     active = [isinstance(m, _LoRALayer) and not m.merged for m in layers]
@@ -252,11 +353,13 @@ def stacked_lora_delta(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Te
     lora = next(m for m, on in zip(layers, active, strict=True) if on)
     dtype, lead = lora.lora_down.weight.dtype, x.shape[:-1]
     if any(
-        on and m.training and isinstance(m.dropout, nn.Dropout)
+        on and (isinstance(m, _DoRA) or (m.training and isinstance(m.dropout, nn.Dropout)))
         for m, on in zip(layers, active, strict=True)
-    ):
+    ):  # one by one; a DoRA term also recomputes its own W x
         parts = [
-            m.lora_forward(x) if on else x.new_zeros(*lead, m.weight.shape[0], dtype=dtype)
+            (m.dora_forward(x) if isinstance(m, _DoRA) else m.lora_forward(x))
+            if on
+            else x.new_zeros(*lead, m.weight.shape[0], dtype=dtype)
             for m, on in zip(layers, active, strict=True)
         ]
         return torch.cat(parts, dim=-1)
@@ -306,11 +409,13 @@ def _init_down(layer: _LoRALayer, generator: torch.Generator | None) -> None:
     w.copy_(torch.empty(w.shape).uniform_(-bound, bound, generator=generator))
 
 
-def _wrap(module: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> _LoRALayer:
+def _wrap(
+    module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, dora: bool = False
+) -> _LoRALayer:
     if isinstance(module, nn.Linear):
-        return LoRALinear(module, rank, alpha, dropout)
+        return (DoRALinear if dora else LoRALinear)(module, rank, alpha, dropout)
     if isinstance(module, nn.Conv2d):
-        return LoRAConv2d(module, rank, alpha, dropout)
+        return (DoRAConv2d if dora else LoRAConv2d)(module, rank, alpha, dropout)
     raise ValueError(f"LoRA needs an nn.Linear or nn.Conv2d, got {type(module).__name__}")
 
 
@@ -357,7 +462,7 @@ def inject_lora(
     layers = {}
     for name, module in targets.items():
         rank, alpha = config.rank_alpha(module)
-        layer = _wrap(module, rank, alpha, config.dropout)
+        layer = _wrap(module, rank, alpha, config.dropout, config.dora)
         _init_down(layer, generator)
         model.set_submodule(name, layer)
         layers[name] = layer
@@ -369,6 +474,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = [
         p for m in lora_modules(model).values() for p in (m.lora_down.weight, m.lora_up.weight)
     ]
+    params += [m.dora_scale for m in lora_modules(model).values() if isinstance(m, _DoRA)]
     if not params:
         raise ValueError("the model has no LoRA layers; call inject_lora first")
     bad = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
@@ -381,30 +487,36 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our LoRA state: <path>.lora_down.weight, <path>.lora_up.weight, <path>.alpha (detached)."""
+    """Our LoRA state: <path>.lora_down.weight, .lora_up.weight, .alpha (+ DoRA's .dora_scale)."""
     state = {}
     for name, m in lora_modules(model).items():
         state[f"{name}.lora_down.weight"] = m.lora_down.weight.detach()
         state[f"{name}.lora_up.weight"] = m.lora_up.weight.detach()
         state[f"{name}.alpha"] = m.alpha.detach()
+        if isinstance(m, _DoRA):
+            state[f"{name}.dora_scale"] = m.dora_scale.detach()
     if not state:
         raise ValueError("the model has no LoRA layers")
     return state
 
 
 class LoRAWeights(NamedTuple):
-    """One module's LoRA: down (r, in[, k, k]), up (out, r[, 1, 1]), alpha."""
+    """One module's LoRA: down (r, in[, k, k]), up (out, r[, 1, 1]), alpha; DoRA's magnitude.
+
+    magnitude: DoRA's `dora_scale` (out, 1[, 1, 1]), or None for a plain LoRA.
+    """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """(alpha / r) * up @ down in fp32, shaped (out, in[, k, k])."""
+        """(alpha / r) * up @ down in fp32, shaped (out, in[, k, k]) (for DoRA: before the norm)."""
         d = self.up.float().flatten(1) @ self.down.float().flatten(1)
         return d.view(self.up.shape[0], *self.down.shape[1:]) * (self.alpha / self.rank)
 
@@ -424,8 +536,20 @@ def split_lora_state(state: Mapping[str, torch.Tensor]) -> dict[str, LoRAWeights
         down, up = p["lora_down.weight"], p["lora_up.weight"]
         _check_pair(name, down, up)
         alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])
-        out[name] = LoRAWeights(down, up, alpha)
+        magnitude = _magnitude(name, p["dora_scale"], up) if "dora_scale" in p else None
+        out[name] = LoRAWeights(down, up, alpha, magnitude)
     return out
+
+
+def _magnitude(name: str, scale: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """DoRA's dora_scale as (out, 1[, 1, 1]); (out,) (peft) and (out, 1, ...) (LyCORIS) accepted."""
+    out = up.shape[0]
+    if scale.numel() != out or (scale.ndim > 1 and scale.shape[0] != out):
+        raise ValueError(
+            f"LoRA module {name!r}: dora_scale {tuple(scale.shape)} is not one magnitude per "
+            f"output row ({out}); input-axis DoRA (LyCORIS wd_on_output=False) is not supported"
+        )
+    return scale.reshape(out, *[1] * (up.ndim - 1))
 
 
 def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
@@ -489,6 +613,11 @@ def _copy_weights(name: str, layer: _LoRALayer, w: LoRAWeights) -> None:
             )
         param.copy_(value)
     layer.alpha.fill_(w.alpha)
+    if isinstance(layer, _DoRA) != (w.magnitude is not None):
+        kinds = ("DoRA", "plain LoRA") if w.magnitude is None else ("plain LoRA", "DoRA")
+        raise ValueError(f"LoRA module {name!r}: the layer is {kinds[0]}, the state is {kinds[1]}")
+    if w.magnitude is not None:
+        layer.dora_scale.copy_(w.magnitude)
 
 
 def remove_lora(model: nn.Module, bake: bool = False) -> None:
@@ -538,7 +667,8 @@ def apply_loras(
 
     A module that several LoRAs touch gets one LoRA layer whose factors are the LoRAs' factors
     stacked along the rank (up columns pre-scaled by multiplier * alpha / r), which computes
-    the exact sum of their deltas. LoRA factors do not require grad.
+    the exact sum of their deltas. A DoRA LoRA gets a DoRA layer with its multiplier; it cannot
+    share a module with another LoRA. LoRA factors do not require grad.
     """
     _ensure_no_lora(model)
     per_module: dict[str, list[tuple[LoRAWeights, float]]] = {}
@@ -547,6 +677,13 @@ def apply_loras(
             per_module.setdefault(name, []).append((w, float(multiplier)))
     if not per_module:
         raise ValueError("apply_loras needs at least one LoRA")
+    for name, ws in per_module.items():
+        if len(ws) > 1 and any(w.magnitude is not None for w, _ in ws):
+            raise ValueError(
+                f"LoRA module {name!r}: a DoRA LoRA (dora_scale) cannot be stacked with other "
+                "LoRAs on the same module (DoRA renormalises the whole weight, so the result "
+                "depends on the order); apply the DoRA LoRA alone"
+            )
     layers = {name: _combined_layer(model, name, ws) for name, ws in per_module.items()}
     for name, layer in layers.items():
         model.set_submodule(name, layer)
@@ -558,6 +695,8 @@ def apply_loras(
 @torch.no_grad()
 def _combined_layer(model: nn.Module, name: str, ws: list[tuple[LoRAWeights, float]]) -> _LoRALayer:
     """One LoRA layer equal to the multiplier-weighted sum of the given LoRAs."""
+    if ws[0][0].magnitude is not None:  # DoRA, alone (apply_loras checks)
+        return _dora_layer(model, name, *ws[0])
     if len(ws) == 1:
         w, m = ws[0]
         down, up, alpha = w.down, w.up.float() * m, w.alpha
@@ -570,4 +709,15 @@ def _combined_layer(model: nn.Module, name: str, ws: list[tuple[LoRAWeights, flo
     layer.lora_up.weight.copy_(up)
     layer.lora_down.requires_grad_(False)
     layer.lora_up.requires_grad_(False)
+    return layer
+
+
+@torch.no_grad()
+def _dora_layer(model: nn.Module, name: str, w: LoRAWeights, multiplier: float) -> _DoRA:
+    """A frozen DoRA layer holding one DoRA LoRA, at `multiplier`."""
+    layer = _wrap(model.get_submodule(name), w.rank, w.alpha, dora=True)
+    _copy_weights(name, layer, w)
+    layer.multiplier = multiplier
+    for p in (layer.lora_down.weight, layer.lora_up.weight, layer.dora_scale):
+        p.requires_grad_(False)
     return layer

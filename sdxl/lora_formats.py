@@ -37,6 +37,7 @@ from torch import nn
 from sdxl.convert import unet_key_map
 from sdxl.lora import LoRAWeights, check_lora_state, split_lora_state
 from sdxl.models.configs import SDXL_BASE
+from sdxl.text_lora import component_of, kohya_text_name, kohya_text_path
 from sdxl.utils import atomic_path, to_dtype
 
 # ----------------------------------------------------------------------------- UNet layout + map
@@ -124,7 +125,7 @@ def sgm_to_diffusers(path: str, layout: UNetLayout = SDXL_LAYOUT) -> str:
 
 # ----------------------------------------------------------------------------- kohya
 
-_KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 _TEXT_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_")
 # Identifiers that contain "_" in SGM or diffusers UNet module paths (kohya turns every "." into "_").
 _WORDS = frozenset(
@@ -180,32 +181,47 @@ def state_to_kohya(
     """Kohya tensors: lora_unet_<SGM path with '_'>.{lora_down.weight, lora_up.weight, alpha}."""
     out = {}
     for path, w in split_lora_state(state).items():
-        name = "lora_unet_" + diffusers_to_sgm(path, layout).replace(".", "_")
+        name = _kohya_name(path, layout)
         out[f"{name}.lora_down.weight"] = _cpu(w.down, dtype)
         out[f"{name}.lora_up.weight"] = _cpu(w.up, dtype)
         out[f"{name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+        if w.magnitude is not None:  # DoRA, LyCORIS layout (out, 1[, 1, 1]); fp32 like alpha
+            out[f"{name}.dora_scale"] = _cpu(w.magnitude, torch.float32)
     return out
 
 
 def kohya_to_state(
     tensors: Mapping[str, torch.Tensor], layout: UNetLayout = SDXL_LAYOUT
 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-    """Our state from kohya tensors (SGM or diffusers module names); also the text-encoder names."""
+    """Our state from kohya tensors (SGM or diffusers module names); also the text-encoder names.
+
+    kohya's CLIP modules (lora_te1_/lora_te2_) are in the state as `text_encoder[_2].<path>`.
+    """
     state, text = {}, set()
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
         if suffix not in _KOHYA_SUFFIXES:
             raise ValueError(
-                f"unsupported tensor {key!r}: only lora_down.weight, lora_up.weight and alpha are "
-                "supported (not DoRA/LoHa/LoKr/LyCORIS variants)"
+                f"unsupported tensor {key!r}: only lora_down.weight, lora_up.weight, alpha and "
+                "dora_scale are supported (not LoHa/LoKr/other LyCORIS variants)"
             )
         if name.startswith(_TEXT_PREFIXES):
             text.add(name)
+            te_path = kohya_text_path(name)  # None: not a CLIP target kohya trains (kept out)
+            if te_path is not None:
+                state[f"{te_path}.{suffix}"] = value
             continue
         if not name.startswith("lora_unet_"):
             raise ValueError(f"tensor {key!r} is neither lora_unet_* nor lora_te*_*")
         state[f"{_kohya_unet_path(name, layout)}.{suffix}"] = value
     return _with_alphas(state), tuple(sorted(text))
+
+
+def _kohya_name(path: str, layout: UNetLayout) -> str:
+    """kohya's module name: lora_unet_<SGM path>, or lora_te1_/lora_te2_<CLIP path>."""
+    if component_of(path) != "unet":
+        return kohya_text_name(path)
+    return "lora_unet_" + diffusers_to_sgm(path, layout).replace(".", "_")
 
 
 def _kohya_unet_path(name: str, layout: UNetLayout) -> str:
@@ -223,6 +239,8 @@ def _with_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[f"{path}.lora_down.weight"] = w.down
         out[f"{path}.lora_up.weight"] = w.up
         out[f"{path}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+        if w.magnitude is not None:
+            out[f"{path}.dora_scale"] = w.magnitude
     return out
 
 
@@ -265,11 +283,17 @@ def kohya_metadata(
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
+    args = {}
     if conv:
         conv_dim, conv_alpha = _most_common(conv)
-        meta["ss_network_args"] = json.dumps(
-            {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
-        )
+        args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
+    if any(w.magnitude is not None for w in weights.values()):
+        # DoRA is LyCORIS's `dora_wd` (output-axis magnitudes): what kohya writes for it.
+        meta["ss_network_module"] = "lycoris.kohya"
+        args = {"algo": "locon" if conv else "lora", **args, "dora_wd": "True"}
+        args["wd_on_output"] = "True"
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     for key, value in (extra or {}).items():
         if not isinstance(value, str):
             raise ValueError(f"LoRA metadata {key!r} must be a string, got {type(value).__name__}")
@@ -321,6 +345,8 @@ def state_to_seed(state: Mapping[str, torch.Tensor]) -> dict:
         tensors[f"{path}.lora_layer.lora_A"] = _cpu(w.down, torch.float32).T.contiguous()
         up = w.up.float() * (w.alpha / w.rank / scale)
         tensors[f"{path}.lora_layer.lora_B"] = _cpu(up, torch.float32).T.contiguous()
+        if w.magnitude is not None:  # DoRA: an addition the seed's own loader does not know
+            tensors[f"{path}.lora_layer.dora_scale"] = _cpu(w.magnitude, torch.float32)
     config = {"lora_rank": rank, "lora_alpha": alpha, "lora_target_mode": _seed_mode(weights)}
     return {
         "lora_state_dict": tensors,
@@ -350,17 +376,19 @@ def seed_to_state(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     scale = float(config["lora_alpha"]) / int(config["lora_rank"])
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"(.+)\.lora_layer\.lora_([AB])", key)
+        m = re.fullmatch(r"(.+)\.lora_layer\.(?:lora_([AB])|(dora_scale))", key)
         if not m:
             raise ValueError(f"unexpected key {key!r} in the seed's lora_state_dict")
-        parts.setdefault(m[1], {})[m[2]] = value
+        parts.setdefault(m[1], {})[m[2] or m[3]] = value
     state = {}
     for path, p in parts.items():
-        if set(p) != {"A", "B"}:
+        if set(p) - {"dora_scale"} != {"A", "B"}:
             raise ValueError(f"seed LoRA module {path!r} needs both lora_A and lora_B")
         down, up = p["A"].float().T.contiguous(), p["B"].float().T.contiguous()  # (r, in), (out, r)
         state[f"{path}.lora_down.weight"], state[f"{path}.lora_up.weight"] = down, up
         state[f"{path}.alpha"] = torch.tensor(scale * down.shape[0])
+        if "dora_scale" in p:
+            state[f"{path}.dora_scale"] = p["dora_scale"]
     return state
 
 
@@ -381,6 +409,8 @@ def state_to_peft(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """diffusers `save_lora_weights` tensors (unet.<path>.lora_A/B.weight) and header metadata."""
     weights = split_lora_state(state)
+    if any(w.magnitude is not None for w in weights.values()):
+        raise ValueError("DoRA LoRAs are written as kohya .safetensors (dora_scale), not as PEFT")
     tensors = {}
     for path, w in weights.items():
         tensors[f"unet.{path}.lora_A.weight"] = _cpu(w.down, None)
@@ -403,22 +433,37 @@ def state_to_peft(
 def peft_to_state(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-    """Our state from diffusers/PEFT tensors (+ header); also the text-encoder module names."""
+    """Our state from diffusers/PEFT tensors (+ header); also the text-encoder module names.
+
+    Text-encoder modules in PEFT's layout are in the state as `text_encoder[_2].<path>`.
+    """
     state, text, alphas = {}, set(), {}
     for key, value in tensors.items():
         key = key.removeprefix("base_model.model.")
         if key.startswith(_PEFT_TEXT):
-            text.add(key.rsplit(".lora", 1)[0])
-            continue
-        path, part = _peft_key(key.removeprefix("unet."))
+            component, rest = key.split(".", 1)
+            try:
+                path, part = _peft_key(rest)
+            except ValueError:  # an older layout (lora_linear_layer): not applied
+                text.add(key.rsplit(".lora", 1)[0])
+                continue
+            # transformers >= 5 names a bare CLIPTextModel's modules without `text_model.`
+            path = f"{component}.{path if path.startswith('text_') else 'text_model.' + path}"
+            text.add(path)
+        else:
+            path, part = _peft_key(key.removeprefix("unet."))
         if part == "alpha":
             alphas[path] = float(value)
         else:
             state[f"{path}.{part}"] = value
-    config = _peft_config(metadata)
+    configs = {"unet": _peft_config(metadata)}
     for path, w in split_lora_state(state).items():
+        part = component_of(path)
+        if part not in configs:
+            configs[part] = _peft_text_config(metadata, part)
+        config, bare = configs[part], path if part == "unet" else path.split(".", 1)[1]
         alpha = alphas.get(
-            path, _pattern_value(config, "alpha_pattern", path, config.get("lora_alpha"))
+            path, _pattern_value(config, "alpha_pattern", bare, config.get("lora_alpha"))
         )
         alpha = float(alpha) if alpha is not None else float(w.rank)
         if config.get("use_rslora"):
@@ -455,6 +500,12 @@ def _peft_config(metadata: Mapping[str, str] | None) -> dict:
     if config.get("use_dora"):
         raise ValueError("DoRA LoRAs (use_dora) are not supported")
     return config
+
+
+def _peft_text_config(metadata: Mapping[str, str] | None, component: str) -> dict:
+    """A text encoder's PEFT LoraConfig fields (`<component>.` keys of the adapter metadata)."""
+    packed = json.loads((metadata or {}).get(_ADAPTER_METADATA) or "{}")
+    return {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith(f"{component}.")}
 
 
 def _pattern_value(config: Mapping, key: str, path: str, default):
@@ -494,13 +545,16 @@ class LoRAFileError(ValueError):
 
 
 def load_lora_file(
-    path: str | os.PathLike, unet: nn.Module | None = None
+    path: str | os.PathLike, unet: nn.Module | None = None, *, text_encoders: bool = False
 ) -> tuple[dict[str, torch.Tensor], LoRAInfo]:
     """Read a kohya, seed .pt, diffusers/PEFT or our own LoRA file into our state (format detected).
 
-    With `unet`, its module names give the block layout and every LoRA module is checked to exist
-    with matching shapes; without, the SDXL layout is assumed. Text-encoder parts are skipped
-    with a warning; files for other architectures raise LoRAFileError naming the file.
+    With `unet`, its module names give the block layout and every UNet LoRA module is checked to
+    exist with matching shapes; without, the SDXL layout is assumed. Text-encoder parts are
+    skipped with a warning, unless `text_encoders`: then they are in the state too, keyed
+    `text_encoder.<path>` / `text_encoder_2.<path>` (see `sdxl.text_lora.apply_component_loras`),
+    and a file with only those is usable. Files for other architectures raise LoRAFileError
+    naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -512,24 +566,37 @@ def load_lora_file(
             UNetLayout.from_module_names([n for n, _ in unet.named_modules()]) if unet else None
         )
         state, fmt, ignored = _to_state(obj, metadata, layout or SDXL_LAYOUT)
+        state, ignored = _text_parts(state, ignored, text_encoders)
         if not state:
             what = (
                 f"only text-encoder LoRA weights ({len(ignored)} modules)" if ignored else "no LoRA"
             )
             raise ValueError(f"it has {what}; only UNet LoRAs are applied")
         if unet is not None:
-            check_lora_state(unet, state)
+            check_lora_state(unet, {k: v for k, v in state.items() if component_of(k) == "unet"})
     except (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise LoRAFileError(f"{path}: not a usable SDXL UNet LoRA: {e}") from e
     if ignored:
-        warnings.warn(
-            f"{path}: skipping {len(ignored)} text-encoder LoRA modules; only the UNet part is applied",
-            stacklevel=2,
-        )
+        why = " (not CLIP attention/MLP Linears)" if text_encoders else "; only the UNet is applied"
+        warnings.warn(f"{path}: skipping {len(ignored)} text-encoder LoRA modules{why}",
+                      stacklevel=2)  # fmt: skip
     weights = split_lora_state(state)
     ranks = {p: w.rank for p, w in weights.items()}
     alphas = {p: w.alpha for p, w in weights.items()}
     return state, LoRAInfo(fmt, ranks, alphas, dict(metadata), ignored)
+
+
+def _text_parts(
+    state: dict[str, torch.Tensor], ignored: tuple[str, ...], keep: bool
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The state with its text-encoder parts kept or dropped; the text modules not applied."""
+    if not keep:
+        return {k: v for k, v in state.items() if component_of(k) == "unet"}, ignored
+    # Names of modules not converted (kohya: not CLIP q/k/v/out_proj or fc1/fc2, e.g. SD 1.x
+    # lora_te_; PEFT: an older layout) stay out.
+    modules = set(split_lora_state(state))
+    paths = {n: kohya_text_path(n) if n.startswith("lora_te") else n for n in ignored}
+    return state, tuple(n for n, path in paths.items() if path not in modules)
 
 
 def _read(path: Path) -> tuple[Mapping, dict[str, str]]:
@@ -582,12 +649,14 @@ def _to_state(
     if any(k.endswith(".lora_down.weight") for k in keys):
         state = _with_alphas(dict(obj))
         for path in split_lora_state(state):
-            diffusers_to_sgm(path, layout)  # raises unless it is a module of this layout
+            if component_of(path) == "unet":
+                diffusers_to_sgm(path, layout)  # raises unless it is a module of this layout
         return state, "sdxl", ()
     if any(_PEFT_KEY.fullmatch(k) or _PEFT_PROCESSOR_KEY.fullmatch(k) for k in keys):
         state, ignored = peft_to_state(obj, metadata)
         for path in split_lora_state(state):
-            diffusers_to_sgm(path, layout)
+            if component_of(path) == "unet":
+                diffusers_to_sgm(path, layout)
         return state, "peft", ignored
     raise ValueError(f"its keys match no known LoRA format (first keys: {keys[:3]})")
 

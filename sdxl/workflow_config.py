@@ -73,13 +73,41 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> None:
 def check_settings(config: dict) -> None:
     """ConfigError for settings that contradict each other (after the schema's defaults)."""
     train = config["train"]
-    every, interval = train["save_every_n_steps"], train["validation_interval"]
-    if train["validation_prompts"] and interval and (not every or interval % every):
+    if train["sample_every_n_epochs"]:
         raise ConfigError(
-            f"config key 'train.validation_interval': {interval} must be a multiple of "
+            "config key 'train.sample_every_n_epochs': the workflow draws its grids from step "
+            "snapshots; use train.sample_every_n_steps (a multiple of save_every_n_steps), or "
+            "train_sdxl.py --sample_every_n_epochs"
+        )
+    steps, interval = train["sample_every_n_steps"], train["validation_interval"]
+    if steps and interval and steps != interval:
+        raise ConfigError(
+            f"config key 'train.sample_every_n_steps': {steps} is kohya's name for "
+            f"train.validation_interval ({interval}); set one of them"
+        )
+    key = "validation_interval" if interval else "sample_every_n_steps"
+    every, interval = train["save_every_n_steps"], interval or steps
+    if sample_prompt_lines(train) and interval and (not every or interval % every):
+        raise ConfigError(
+            f"config key 'train.{key}': {interval} must be a multiple of "
             f"train.save_every_n_steps ({every}): the grids are drawn from the LoRA snapshots "
             "saved every save_every_n_steps steps"
         )
+
+
+def sample_prompt_lines(train: dict) -> list[str]:
+    """The prompt lines of train.sample_prompts (a file) or else train.validation_prompts, each
+    checked (ConfigError naming the file's line or the key)."""
+    from sdxl.train.sample_prompts import check_line, read_prompt_lines
+
+    try:
+        if train.get("sample_prompts"):
+            return read_prompt_lines(train["sample_prompts"], "config key 'train.sample_prompts':")
+        for i, line in enumerate(train["validation_prompts"]):
+            check_line(line, f"config key 'train.validation_prompts[{i}]'")
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+    return list(train["validation_prompts"])
 
 
 def _describe(error) -> str:

@@ -519,7 +519,7 @@ def test_foreign_lora_files_raise_naming_the_file(base_state, tmp_path):
         ("sd15", sd15, {}, "input_blocks.1.1"),
         ("te_only", te_only, {}, "text-encoder"),
         ("nothing", {"foo.weight": torch.zeros(2)}, {}, "no known LoRA format"),
-        ("dora", {f"{name}.dora_scale": torch.zeros(2)}, {}, "DoRA"),
+        ("loha", {f"{name}.hada_w1_a": torch.zeros(2)}, {}, "LoHa"),  # DoRA: tests/test_dora.py
         ("wide_context", wrong_width, {}, "model's weight is"),
     ]
     unet = ours(base_state)

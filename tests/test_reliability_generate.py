@@ -205,13 +205,7 @@ LORA_CASES = {  # name -> (writer(path), expected words)
         lambda p: save_file(_kohya("input_blocks_1_1_proj_in", lokr_w1=torch.zeros(4, 4)), str(p)),
         "LoKr",
     ),  # fmt: skip
-    "dora": (
-        lambda p: save_file(
-            _kohya("input_blocks_1_1_proj_in", dora_scale=torch.zeros(1, 4)), str(p)
-        ),
-        "DoRA",
-    ),  # fmt: skip
-}
+}  # (DoRA files are supported: tests/test_dora.py)
 
 
 @pytest.mark.parametrize("case", list(LORA_CASES))

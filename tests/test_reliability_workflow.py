@@ -66,13 +66,17 @@ def _cli(workdir: Path, *args: str, env: dict | None = None, timeout: int = 300)
         ({"train": {"validation_prompts": ["a"], "validation_interval": 3,
                     "save_every_n_steps": 2}},
          "config key 'train.validation_interval': 3 must be a multiple of train.save_every_n_steps"),
+        ({"train": {"sample_every_n_epochs": 1}},
+         "config key 'train.sample_every_n_epochs': the workflow draws its grids from step"),
+        ({"train": {"validation_prompts": ["a cat --ss euler_a"]}},
+         "config key 'train.validation_prompts[0]': unknown option --ss"),
         ({"train": {"learning_rat": 1e-4}},
          "config key 'train.learning_rat' is unknown; did you mean 'learning_rate'?"),
         ({"run": HOSTILE.format(0)}, "config key 'run': '</script><img src=x onerror=alert(0)>' "
                                      "is not allowed: letters, digits"),
     ],
-    ids=["invalid-value", "wrong-type", "renamed-key", "inconsistent", "unknown-key",
-         "unsafe-run-name"],
+    ids=["invalid-value", "wrong-type", "renamed-key", "inconsistent", "epoch-samples",
+         "kohya-option", "unknown-key", "unsafe-run-name"],
 )  # fmt: skip
 def test_config_error_is_one_line_naming_the_key_before_any_job(tmp_path, overlay, message):
     work = copy_workflow(tmp_path / "run")

@@ -65,6 +65,7 @@ def test_outputs_and_metrics(tiny_dir, cache_dir, tmp_path):
                  "metrics.csv"):  # fmt: skip
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-0000000.png",  # the base model: with prompts, always
         "step-0000002.png",
         "step-0000004.png",
     ]
@@ -443,7 +444,8 @@ def test_lr_schedules_have_diffusers_shapes(kind, extra, reference):
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "lr"), [("adamw", 1e-3), ("prodigy", 1.0), ("adafactor", 1e-3), ("lion", 1e-4)]
+    ("optimizer", "lr"),
+    [("adamw", 1e-3), ("adamw8bit", 1e-3), ("prodigy", 1.0), ("adafactor", 1e-3), ("lion", 1e-4)],
 )
 def test_each_optimizer_trains_and_resumes(tiny_dir, cache_dir, tmp_path, optimizer, lr):
     """Each optimizer moves the LoRA (up matrices start at zero), and its state resumes exactly."""
@@ -459,9 +461,9 @@ def test_each_optimizer_trains_and_resumes(tiny_dir, cache_dir, tmp_path, optimi
     train(_cfg(tiny_dir, cache_dir, resumed, **kw))
     assert all(torch.equal(lora[k], _lora(resumed)[k]) for k in lora)
     meta = _header(straight / "lora_final.safetensors")["ss_optimizer"]
-    assert {"adamw": "AdamW", "prodigy": "Prodigy", "adafactor": "Adafactor", "lion": "Lion"}[
-        optimizer
-    ] in meta
+    names = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy",
+             "adafactor": "Adafactor", "lion": "Lion"}  # fmt: skip
+    assert names[optimizer] in meta
 
 
 def test_optimizer_args_reach_the_optimizer(tiny_dir, cache_dir, tmp_path):
@@ -513,7 +515,7 @@ def test_tensorboard_gets_the_metrics_and_grids_without_repeats_after_a_resume(
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows])
     assert {"train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Images("validation/grid")] == [2, 4]
+    assert [e.step for e in events.Images("validation/grid")] == [0, 2, 4]  # 0: the base
 
 
 def test_a_single_file_model_trains_like_its_diffusers_folder(

@@ -221,7 +221,7 @@ def test_demo_dag_produces_every_artifact(finished):
     assert "<polyline" in (results / "report/loss_curve.svg").read_text()
     assert (results / "report/validation_over_time.png").is_file()
     grids = json.loads((results / "validation/demo/index.json").read_text())["grids"]
-    assert [g["step"] for g in grids] == [2, 4]  # every validation_interval, from the snapshots
+    assert [g["step"] for g in grids] == [0, 2, 4]  # the base, then every validation_interval
     assert sorted(p.name for p in (results / "train/demo").glob("demo-step*")) == [
         "demo-step00000002.safetensors",
         "demo-step00000004.safetensors",
@@ -283,8 +283,10 @@ def test_speed_and_logging_settings_rerun_nothing_but_the_config_page(finished, 
         {"train": {"validation_guidance_scale": 2.0}},
         {"train": {"validation_interval": 4}},
         {"train": {"num_validation_images": 1}},
+        {"train": {"sample_prompts": "examples/prompts.txt"}},
+        {"train": {"sample_every_n_steps": 2, "validation_interval": 0}},
     ],
-    ids=["prompts", "steps", "guidance", "interval", "count"],
+    ids=["prompts", "steps", "guidance", "interval", "count", "sample-prompts", "kohya-interval"],
 )
 def test_validation_settings_rerun_only_validation_and_the_report(finished, edit):
     assert would_run(finished, edit) == {"validate_lora"} | CONFIG_EDIT
@@ -420,9 +422,10 @@ def test_dataset_scan_matches_the_library(tmp_path):
         ".d.png",
         "e.gif",
         "f.webp",
+        "f.caption",
     ):
         (root / name).write_text("x")
-    namespace = {"config": {"data": {"dir": str(root)}}}
+    namespace = {"config": {"data": {"dir": str(root), "subsets": []}}}
     source = (ROOT / "rules/common.smk").read_text()
     start = source.index("DATA_SUFFIXES =")
     exec(source[start : source.index("\n", start)], namespace)  # the suffix constant
@@ -431,6 +434,14 @@ def test_dataset_scan_matches_the_library(tmp_path):
     images, captions = scan_dataset(root)
     expected = sorted(str(root / p) for p in (*images, *captions))
     assert sorted(namespace["dataset_files"](None)) == expected
+    # data.subsets: each folder with its own caption extension
+    namespace["config"]["data"]["subsets"] = [{"image_dir": str(root / "sub")},
+                                              {"image_dir": str(root), "caption_extension": ".caption"}]  # fmt: skip
+    found = [*scan_dataset(root / "sub")[0], *scan_dataset(root / "sub")[1]]
+    expected = [str(root / "sub" / p) for p in found]
+    images, captions = scan_dataset(root, ".caption")
+    expected += [str(root / p) for p in (*images, *captions)]
+    assert sorted(namespace["dataset_files"](None)) == sorted(expected)
 
 
 def test_lint_is_clean():
@@ -534,7 +545,7 @@ def test_validation_edit_reruns_only_validation_and_keeps_the_training(finished,
     assert_same_files(before, after, ran)
     index = json.loads((work / "results/validation/demo/index.json").read_text())
     assert index["prompts"] == ["a green triangle", "a red square"]
-    assert [g["step"] for g in index["grids"]] == [2, 4]
+    assert [g["step"] for g in index["grids"]] == [0, 2, 4]
 
 
 def test_speed_and_logging_edit_touches_no_result(finished, tmp_path):
@@ -633,7 +644,7 @@ def test_longer_then_shorter_training_continues_and_equals_straight_runs(finishe
     with (run / "metrics.csv").open() as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
     index = json.loads((work / "results/validation/demo/index.json").read_text())
-    assert [g["step"] for g in index["grids"]] == [2, 4, 6]
+    assert [g["step"] for g in index["grids"]] == [0, 2, 4, 6]  # 0: the base model
     _same_lora(_straight_lora(work, tmp_path / "straight"), run / "lora_final.safetensors")
 
     edit_demo(work, train={"max_steps": 2})

@@ -14,7 +14,13 @@ if TYPE_CHECKING:
 
 claim = start(snakemake, gpus=snakemake.resources.gpu)
 
+from sdxl.errors import UserError  # noqa: E402
 from sdxl.train import config as settings  # noqa: E402
+
+asked, given = snakemake.params.train["gpus"], snakemake.resources.gpu
+if given < asked:  # snakemake caps a job's gpu=N at --resources gpu without a word
+    raise UserError(f"train.gpus is {asked} but this job was given {given} GPU(s); run "
+                    f"snakemake with --resources gpu={asked} (or more), or set train.gpus: {given}")  # fmt: skip
 from sdxl.train.launch import run_training  # noqa: E402
 
 out = Path(snakemake.output.lora).parent

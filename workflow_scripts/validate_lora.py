@@ -1,5 +1,5 @@
-"""validate_lora: validation grids of the run's LoRA snapshots (every validation_interval steps)
-and of its final LoRA; grids of unchanged files are kept."""
+"""validate_lora: sample grids of the base model (step 0), the run's LoRA snapshots (every
+validation_interval steps) and its final LoRA; grids of unchanged files are kept."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,19 +13,23 @@ claim = start(snakemake, gpus=snakemake.resources.gpu)
 
 from safetensors import safe_open  # noqa: E402
 
+from sdxl.train.config import TrainConfig  # noqa: E402
+from sdxl.train.sample_prompts import read_prompt_lines  # noqa: E402
 from sdxl.train.snapshots import list_snapshots  # noqa: E402
 from sdxl.train.validation import validate_run  # noqa: E402
 
-hp = snakemake.params.validation
+hp = dict(snakemake.params.validation)
+if hp["sample_prompts"]:  # kohya's prompt file instead of validation_prompts
+    hp["validation_prompts"] = read_prompt_lines(hp["sample_prompts"], "train.sample_prompts")
+cfg = TrainConfig.from_dict({**hp, "data_dir": ""})  # the prompts with the run's defaults
 final = Path(snakemake.input.lora)
 with safe_open(str(final), "pt") as f:
     final_step = int(f.metadata()["ss_steps"])
-every = hp["validation_interval"]
+every = cfg.sample_interval
 files = {step: path for step, path in list_snapshots(final.parent, snakemake.params.run).items()
          if every and step % every == 0 and step <= final_step}  # fmt: skip
 files.setdefault(final_step, final)  # the snapshot of the last step is the same LoRA
-validate_run(files, Path(snakemake.input.model), hp["validation_prompts"][: hp["num_validation_images"]],
-             hp["image_size"], hp["validation_guidance_scale"], hp["validation_steps"], hp["seed"],
-             Path(snakemake.output.index).parent, claim.torch_device,
-             precision(claim, snakemake.config["train"]["precision"]), code_digest(snakemake),
-             snakemake.params.run)  # fmt: skip
+files[0] = None  # the base model
+validate_run(files, Path(snakemake.input.model), cfg.samples, Path(snakemake.output.index).parent,
+             claim.torch_device, precision(claim, snakemake.config["train"]["precision"]),
+             code_digest(snakemake), snakemake.params.run)  # fmt: skip

@@ -31,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = TrainConfig(data_dir="")
     a = p.add_argument
-    a(
-        "--data_dir",
-        required=True,
-        help="image+caption folder, or a cache folder built by the pipeline",
-    )
+    a("--data_dir", default="",
+      help="image+caption folder, or a cache folder built by the pipeline (or --dataset_config)")  # fmt: skip
+    a("--dataset_config", default=None, type=Path,
+      help="kohya's dataset config TOML ([general], [[datasets]], [[datasets.subsets]]): several "
+      "folders with num_repeats, caption rules, is_reg; its resolution and batch_size win")  # fmt: skip
+    a("--prior_loss_weight", type=float, default=d.prior_loss_weight,
+      help="loss weight of regularization (is_reg) images, kohya's")  # fmt: skip
     a(
         "--pretrained_model",
         default=d.pretrained_model,
@@ -66,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="regexes over UNet module paths (overrides the mode)",
     )
     a("--lora_conv", action="store_true", help="also train LoRA on resnet convs (LoCon)")
+    a(
+        "--lora_type",
+        default=d.lora_type,
+        choices=["lora", "dora"],
+        help="dora: weight-decomposed LoRA (DoRA, LyCORIS dora_wd), saved with dora_scale keys",
+    )
     a("--batch_size", type=int, default=d.batch_size)
     a("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
     a("--num_epochs", type=int, default=d.num_epochs)
@@ -149,10 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--noise_offset", type=float, default=d.noise_offset)
     a(
         "--caption_dropout",
+        "--caption_dropout_rate",
+        dest="caption_dropout",
         type=float,
         default=d.caption_dropout,
         help="probability of an empty caption",
     )
+    a("--train_text_encoder", action="store_true",
+      help="also train a LoRA on both text encoders (kohya's; text is then encoded each step)")  # fmt: skip
+    a("--text_encoder_lr", type=float, default=None,
+      help="the text encoders' LoRA learning rate (default: --learning_rate)")  # fmt: skip
+    a("--unet_lr", type=float, default=None,
+      help="the UNet LoRA's learning rate (default: --learning_rate)")  # fmt: skip
+    a("--shuffle_caption", action="store_true",
+      help="shuffle each caption's comma-separated tags every time it is seen (kohya's)")  # fmt: skip
+    a("--keep_tokens", type=int, default=d.keep_tokens,
+      help="with --shuffle_caption: keep the first N tags in front")  # fmt: skip
     a("--timestep_min", type=int, default=d.timestep_min)
     a(
         "--timestep_max",
@@ -211,13 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--logging_dir", default=None, help="TensorBoard's folder (default: output_dir/logs)")
     a("--wandb_project", default=None)
     a("--wandb_run_name", default=None)
-    a("--validation_caption_file", default=None, help="prompts for validation grids, one per line")
+    a(
+        "--validation_caption_file",
+        "--sample_prompts",
+        default=None,
+        help="prompts for sample grids, one per line, each may end with kohya's --n negative "
+        "--w W --h H --d seed --s steps --l cfg (--sample_prompts: kohya's name)",
+    )
     a(
         "--validation_interval",
         type=int,
         default=d.validation_interval,
-        help="steps between grids (0: off)",
+        help="steps between grids (0: off; grids at step 0 and the end come with any prompts)",
     )
+    a("--sample_every_n_steps", type=int, default=d.sample_every_n_steps,
+      help="kohya's name for --validation_interval")  # fmt: skip
+    a("--sample_every_n_epochs", type=int, default=d.sample_every_n_epochs,
+      help="also a grid at the end of every Nth epoch (0: off)")  # fmt: skip
     a("--num_validation_images", type=int, default=d.num_validation_images)
     a("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
     a("--validation_steps", type=int, default=d.validation_steps)
@@ -231,22 +261,45 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values.pop("use_lora")
     values.pop("debug")
+    values.update(dataset_settings(values.pop("dataset_config"), values["data_dir"]))
     prompts_file = values.pop("validation_caption_file")
     if prompts_file:
         values["validation_prompts"] = read_validation_prompts(Path(prompts_file))
+        values["sample_prompts"] = prompts_file  # recorded in config.json with its lines
     return TrainConfig.from_dict(values)
 
 
+def dataset_settings(path: Path | None, data_dir: str) -> dict:
+    """The subsets (and resolution and batch size, where set) of --dataset_config."""
+    if path is None:
+        if not data_dir:
+            raise UserError("pass --data_dir (an image+caption folder) or --dataset_config")
+        return {}
+    if data_dir:
+        raise UserError(f"--data_dir {data_dir} and --dataset_config {path}: pass one of them "
+                        "(the config's [[datasets.subsets]] name the image folders)")  # fmt: skip
+    from sdxl.dataset_config import read_dataset_config
+
+    config = read_dataset_config(path)
+    values = {"subsets": config.subsets}
+    if config.resolution is not None:
+        values["image_size"] = config.resolution
+    if config.batch_size is not None:
+        values["batch_size"] = config.batch_size
+    return values
+
+
 def read_validation_prompts(path: Path) -> list[str]:
-    """The prompts of --validation_caption_file (errors name this flag, not generation's)."""
-    from sdxl.generate.prompts import read_prompt_file
+    """The prompt lines of --validation_caption_file / --sample_prompts (kohya's format: # lines
+    are comments); errors name the flag and the file's line."""
+    from sdxl.train.sample_prompts import read_prompt_lines
 
     if not path.is_file():
         raise UserError(
             f"--validation_caption_file {path}: no such file; pass an existing text file with "
             "one prompt per line, or leave the flag out"
         )
-    return read_prompt_file(path, flag="--validation_caption_file")
+    return read_prompt_lines(path, flag="--validation_caption_file")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,6 +154,7 @@ def _sample_record(
         "item": item_key(index),
         "source": item.key,
         "caption": item.caption,
+        "subset": item.subset,
         "bucket": list(bucket),
         "original_size": list(cond.original_size),
         "crop_top_left": list(cond.crop_top_left),
@@ -641,6 +642,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def is_flipped(self, i: int) -> bool:
         """Whether sample i is a mirrored variant."""
         return self.samples[i]["flipped"]
+
+    def subset(self, i: int) -> int:
+        """The data subset (sdxl.dataset_config) sample i belongs to; 0 for one folder."""
+        return self.samples[i].get("subset", 0)
 
     def source(self, i: int) -> str:
         """The image (relative to the data folder) sample i was made from; shared by variants."""

@@ -50,6 +50,20 @@ class Item:
     width: int  # after EXIF rotation
     height: int
     sha256: str  # of the decoded RGB pixels: the same for the same picture in any format
+    subset: int = 0  # which data subset (sdxl.data.subsets) it came from
+
+
+@dataclass(frozen=True)
+class CaptionRule:
+    """Where an image's caption comes from and what is added to it (kohya's subset keys)."""
+
+    extension: str = CAPTION_EXTENSION
+    prefix: str = ""  # joined with a space, as kohya does
+    suffix: str = ""
+    class_tokens: str | None = None  # the caption of an image without a caption file
+
+    def apply(self, caption: str) -> str:
+        return " ".join(part for part in (self.prefix, caption, self.suffix) if part)
 
 
 @dataclass(frozen=True)
@@ -147,7 +161,9 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def scan_dataset(data_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+def scan_dataset(
+    data_dir: str | os.PathLike, caption_extension: str = CAPTION_EXTENSION
+) -> tuple[list[Path], list[Path]]:
     """(images, captions) under data_dir, relative to it, recursive, sorted by POSIX path."""
     root = Path(data_dir)
     images, captions = [], []
@@ -158,7 +174,7 @@ def scan_dataset(data_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
         suffix = path.suffix.lower()
         if suffix in IMAGE_EXTENSIONS:
             images.append(rel)
-        elif suffix == CAPTION_EXTENSION:
+        elif suffix == caption_extension.lower():
             captions.append(rel)
     return sorted(images, key=Path.as_posix), sorted(captions, key=Path.as_posix)
 
@@ -171,9 +187,13 @@ def _problem(rel: Path, kind: str, reason: str, fix: str, dropped: bool = True) 
     return Problem(rel.as_posix(), kind, reason, fix, dropped)
 
 
-def _check_caption(root: Path, image_rel: Path, caption_rel: Path | None) -> str | Problem:
-    """The caption of one image, or the problem that stops it being read."""
-    expected = image_rel.with_suffix(CAPTION_EXTENSION).as_posix()
+def _check_caption(
+    root: Path, image_rel: Path, caption_rel: Path | None, rule: CaptionRule
+) -> str | Problem:
+    """The caption of one image (the rule's prefix and suffix added), or why it cannot be read."""
+    expected = image_rel.with_suffix(rule.extension).as_posix()
+    if caption_rel is None and rule.class_tokens:
+        return rule.apply(rule.class_tokens)
     if caption_rel is None:
         return _problem(
             image_rel,
@@ -204,7 +224,7 @@ def _check_caption(root: Path, image_rel: Path, caption_rel: Path | None) -> str
             f"caption file {caption_rel.as_posix()} is empty",
             f"write a caption into {caption_rel.as_posix()}, or delete the image",
         )
-    return caption
+    return rule.apply(caption)
 
 
 def _check_image(root: Path, rel: Path, min_size: int) -> Image.Image | Problem:
@@ -230,10 +250,10 @@ def _check_image(root: Path, rel: Path, min_size: int) -> Image.Image | Problem:
 
 
 def _check_pair(
-    root: Path, rel: Path, caption_rel: Path | None, min_size: int
+    root: Path, rel: Path, caption_rel: Path | None, min_size: int, rule: CaptionRule
 ) -> tuple[Item | None, list[Problem]]:
     """(item or None, problems) for one image file; reports caption and image problems both."""
-    caption = _check_caption(root, rel, caption_rel)
+    caption = _check_caption(root, rel, caption_rel, rule)
     image = _check_image(root, rel, min_size)
     problems = [p for p in (caption, image) if isinstance(p, Problem)]
     if problems:
@@ -242,7 +262,9 @@ def _check_pair(
     return item, []
 
 
-def _orphan_captions(root: Path, images: list[Path], captions: list[Path]) -> list[Problem]:
+def _orphan_captions(
+    root: Path, images: list[Path], captions: list[Path], extension: str
+) -> list[Problem]:
     """Caption files with no image of a supported type beside them."""
     stems = {rel.with_suffix("") for rel in images}
     problems = []
@@ -252,7 +274,7 @@ def _orphan_captions(root: Path, images: list[Path], captions: list[Path]) -> li
         others = sorted(
             p.name
             for p in (root / rel).parent.glob(f"{rel.stem}.*")
-            if p.suffix.lower() != CAPTION_EXTENSION
+            if p.suffix.lower() != extension.lower()
         )
         fix = (
             f"convert {others[0]} to PNG, JPEG or WebP"
@@ -356,6 +378,7 @@ def validate_dataset(
     max_tokens: int = MAX_CLIP_TOKENS,
     progress: bool = False,
     skip_hint: str = "use policy 'skip' to drop these files",
+    captions: CaptionRule = CaptionRule(),
 ) -> ValidationResult:
     """Decode every image and read every caption under data_dir; drop or refuse bad ones.
 
@@ -364,22 +387,24 @@ def validate_dataset(
     turns on the warning for captions longer than `max_tokens`. Images whose shorter side
     is below `min_size` (default 256 px) are dropped. An empty result always raises.
     `skip_hint` tells how the caller's user switches to 'skip' (a flag, a config key).
+    `captions` says where captions come from (kohya's caption_extension, class_tokens, ...).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
-    images, captions = scan_dataset(root)
-    caption_of = {rel.with_suffix(""): rel for rel in reversed(captions)}  # first one wins
+    images, caption_files = scan_dataset(root, captions.extension)
+    caption_of = {rel.with_suffix(""): rel for rel in reversed(caption_files)}  # first one wins
     candidates, problems = [], []
     for rel in tqdm(images, desc="validate", unit="img", disable=not progress):
-        candidate, found = _check_pair(root, rel, caption_of.get(rel.with_suffix("")), min_size)
+        caption_rel = caption_of.get(rel.with_suffix(""))
+        candidate, found = _check_pair(root, rel, caption_rel, min_size, captions)
         problems += found
         if candidate is not None:
             candidates.append(candidate)
     items, duplicates = _drop_duplicates(candidates)
-    problems += duplicates + _orphan_captions(root, images, captions)
+    problems += duplicates + _orphan_captions(root, images, caption_files, captions.extension)
     if tokenizer is not None:
         problems += _long_captions(items, tokenizer, max_tokens)
     problems.sort(key=lambda p: p.file)  # stable: one file's problems keep their order
@@ -424,10 +449,12 @@ def read_manifest(path: str | os.PathLike) -> list[Item]:
     """Items from a manifest written by write_manifest (captions are never parsed as NaN)."""
     path = Path(path)
     if _manifest_format(path) == "csv":
-        text_columns = {c: str for c in ITEM_COLUMNS if c not in ("width", "height")}
+        text_columns = {c: str for c in ITEM_COLUMNS if c not in ("width", "height", "subset")}
         frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, encoding="utf-8")
     else:
         frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False, encoding="utf-8")
+    if "subset" not in frame.columns:  # a manifest of one folder, from before subsets
+        frame["subset"] = 0
     missing = [c for c in ITEM_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"manifest {path} lacks column(s) {missing}; regenerate it")
@@ -442,6 +469,7 @@ def _item_from_row(row: dict[str, Any]) -> Item:
         width=int(row["width"]),
         height=int(row["height"]),
         sha256=str(row["sha256"]),
+        subset=int(row["subset"]),
     )
 
 

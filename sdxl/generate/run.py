@@ -205,17 +205,20 @@ def _prepare(cfg: GenerateConfig, indices: list[int]) -> list[int]:
 def load_generation_pipeline(cfg: GenerateConfig, device: str):
     """The pipeline on `device` (fp32 on CPU) with the LoRAs applied, merged for speed, and the
     fast path (compile, CUDA graphs) that `cfg.compile` asks for."""
-    from sdxl.lora import apply_loras
     from sdxl.lora_formats import load_lora_file
     from sdxl.pipeline import FastPath, load_pipeline
+    from sdxl.text_lora import apply_component_loras
 
     dtype = "fp32" if device == "cpu" else cfg.precision
     pipe = load_pipeline(cfg.pretrained_model, device=device, dtype=dtype)
     if cfg.fused_qkv:
         pipe.unet.fuse_qkv()  # before the LoRAs: merging writes into the fused weight
-    if cfg.loras:
-        states = [(load_lora_file(path, pipe.unet)[0], scale) for path, scale in cfg.loras]
-        apply_loras(pipe.unet, states, merge=cfg.merge_loras)
+    if cfg.loras:  # UNet and text-encoder parts (kohya lora_te1_/lora_te2_)
+        states = [(load_lora_file(path, pipe.unet, text_encoders=True)[0], scale)
+                  for path, scale in cfg.loras]  # fmt: skip
+        networks = dict(zip(("unet", "text_encoder", "text_encoder_2"),
+                            (pipe.unet, *pipe.text_encoders), strict=True))  # fmt: skip
+        apply_component_loras(networks, states, merge=cfg.merge_loras)
     # After the LoRAs: compiled kernels and CUDA graphs read the merged weights in place.
     pipe.use_fast_path(FastPath.default(device, cfg.compile, cfg.channels_last))
     return pipe

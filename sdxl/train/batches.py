@@ -26,13 +26,14 @@ R = TypeVar("R")
 
 def read_rows(
     data: CachedDataset, partner: dict[int, int], global_batch: list[int], rank: int,
-    per_rank: int, micro_batches: int, pin: bool,
+    per_rank: int, micro_batches: int, pin: bool, scale: dict[int, float] | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """This rank's `per_rank` rows of `global_batch`, stacked (B, ...), real rows first.
 
     `weight` (B,) is 1 / (real samples in the global batch x micro-batches in the step) for a
     real row and 0 for padding, so the weighted sum is the step's mean loss and padding adds
-    exactly zero loss and zero gradient. `<field>_flip` holds the mirrored variant.
+    exactly zero loss and zero gradient. `<field>_flip` holds the mirrored variant. `scale`:
+    per-sample loss multipliers (kohya's prior_loss_weight for regularization images).
     """
     rows = global_batch[rank_rows(rank, per_rank)]
     items = [data[i] for i in rows]
@@ -47,6 +48,8 @@ def read_rows(
         out[f"{key}_flip"] = _padded([it[key] for it in flips], like[key], per_rank)
     weight = torch.zeros(per_rank)
     weight[: len(rows)] = 1.0 / (len(global_batch) * micro_batches)
+    if scale:
+        weight[: len(rows)] *= torch.tensor([scale.get(i, 1.0) for i in rows])
     out["weight"] = weight
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl.errors import UserError
@@ -101,10 +101,12 @@ def is_cache_dir(path: Path) -> bool:
 
 def cache_settings(cfg: TrainConfig, dist: DistInfo) -> dict:
     """The settings that decide the cache, named as TrainConfig fields (+ the text dtype)."""
+    subsets = {"subsets": [asdict(s.captions) | {"image_dir": s.image_dir} for s in cfg.subsets]}
     return {
+        **(subsets if cfg.subsets else {}),  # their caption rules: plain folders keep old keys
         "image_size": cfg.image_size,
         "center_crop": cfg.center_crop,
-        "random_flip": cfg.random_flip,
+        "random_flip": cache_flips(cfg),
         "seed": cfg.seed,
         "min_image_size": cfg.min_image_size,
         "strict_data": cfg.strict_data,
@@ -113,17 +115,23 @@ def cache_settings(cfg: TrainConfig, dist: DistInfo) -> dict:
     }
 
 
+def cache_flips(cfg: TrainConfig) -> bool:
+    """Whether mirrored latents are cached: when any subset trains with flips."""
+    return any(plan.flip for plan in cfg.subset_plans)
+
+
 def text_dtype(cfg: TrainConfig, dist: DistInfo) -> str:
     return "fp32" if dist.device.type == "cpu" else cfg.precision
 
 
 def file_stats(root: Path, rels: list[Path]) -> dict[str, list[int]]:
     """{relative POSIX path: [size, mtime_ns]} of files under root (a cheap change detector)."""
-    stats = {}
-    for rel in rels:
-        st = (root / rel).stat()
-        stats[rel.as_posix()] = [st.st_size, st.st_mtime_ns]
-    return stats
+    return {rel.as_posix(): _stat(root / rel) for rel in rels}
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _folder_stats(folder: Path, prefix: str) -> dict[str, list[int]]:
@@ -144,17 +152,27 @@ def model_stats(model_dir: Path, vae_model: str | None) -> dict[str, list[int]]:
     return stats
 
 
-def cache_inputs(cfg: TrainConfig, model_dir: Path, data: Path, dist: DistInfo) -> dict:
-    """Everything that decides a cache built from the raw folder `data`."""
-    from sdxl.data.dataset import scan_dataset
-
-    images, captions = scan_dataset(data)
+def cache_inputs(cfg: TrainConfig, model_dir: Path, dist: DistInfo) -> dict:
+    """Everything that decides a cache built from the raw folder data_dir (or the subsets)."""
     return {
         "version": INPUTS_VERSION,
         "settings": cache_settings(cfg, dist),
         "model": model_stats(model_dir, cfg.vae_model),
-        "dataset": file_stats(data, images + captions),
+        "dataset": dataset_stats(cfg),
     }
+
+
+def dataset_stats(cfg: TrainConfig) -> dict[str, list[int]]:
+    """Stats of every image and caption file the cache is built from."""
+    from sdxl.data.dataset import scan_dataset
+
+    if cfg.subsets:
+        from sdxl.dataset_config import subset_files
+
+        return {key: _stat(path) for key, path in subset_files(cfg.subsets).items()}
+    data = Path(cfg.data_dir)
+    images, captions = scan_dataset(data)
+    return file_stats(data, images + captions)
 
 
 def digest(value: object) -> str:
@@ -193,6 +211,20 @@ def _read_inputs(cache: Path) -> dict | None:
 # --------------------------------------------------------------------------- plan and build
 
 
+def uses_pipeline_cache(cfg: TrainConfig) -> bool:
+    """data_dir is a cache the pipeline built (then subsets only say how to visit its items)."""
+    return bool(cfg.data_dir) and is_cache_dir(Path(cfg.data_dir))
+
+
+def _check_sources(cfg: TrainConfig) -> None:
+    if not cfg.subsets:
+        _check_data_dir(Path(cfg.data_dir))
+    for k, subset in enumerate(cfg.subsets):
+        if not Path(subset.image_dir).is_dir():
+            raise UserError(f"subset #{k + 1}: image_dir {subset.image_dir} is not a folder; "
+                            "fix the path in the dataset config")  # fmt: skip
+
+
 def _check_data_dir(data: Path) -> None:
     if not data.exists():
         raise UserError(f"--data_dir {data}: no such folder; pass your image+caption folder")
@@ -207,12 +239,11 @@ def plan_caches(cfg: TrainConfig, model_dir: Path, dist: DistInfo) -> CacheBuild
     is validated now (every image decoded) when a build is needed, and an empty or all-bad
     folder is a UserError.
     """
-    data = Path(cfg.data_dir)
-    if is_cache_dir(data) or not dist.is_main:
+    if uses_pipeline_cache(cfg) or not dist.is_main:
         return None
-    _check_data_dir(data)
+    _check_sources(cfg)
     cache = Path(cfg.output_dir) / "cache"
-    inputs = cache_inputs(cfg, model_dir, data, dist)
+    inputs = cache_inputs(cfg, model_dir, dist)
     old = _read_inputs(cache)
     if old == inputs and is_cache_dir(cache):
         return None
@@ -220,16 +251,19 @@ def plan_caches(cfg: TrainConfig, model_dir: Path, dist: DistInfo) -> CacheBuild
         reason = "resuming an unfinished build"
     else:
         reason = "no cache yet" if not cache.exists() else describe_change(old, inputs)
-    return CacheBuild(inputs, _validate(cfg, data), reason)
+    return CacheBuild(inputs, _validate(cfg), reason)
 
 
-def _validate(cfg: TrainConfig, data: Path):
+def _validate(cfg: TrainConfig):
     from sdxl.data.dataset import DatasetError, validate_dataset
+    from sdxl.dataset_config import validate_subsets
 
+    options = {"min_size": cfg.min_image_size, "policy": "fail" if cfg.strict_data else "skip",
+               "skip_hint": "drop --strict_data to skip them"}  # fmt: skip
     try:
-        return validate_dataset(data, min_size=cfg.min_image_size,
-                                policy="fail" if cfg.strict_data else "skip",
-                                skip_hint="drop --strict_data to skip them")  # fmt: skip
+        if cfg.subsets:
+            return validate_subsets(cfg.subsets, **options)
+        return validate_dataset(cfg.data_dir, **options)
     except DatasetError as err:
         raise UserError(str(err)) from None
 
@@ -239,11 +273,12 @@ def prepare_caches(
 ) -> Caches:
     """Build (rank 0, under the output lock) what `plan_caches` found missing; all ranks wait."""
     data = Path(cfg.data_dir)
-    folder = data if is_cache_dir(data) else Path(cfg.output_dir) / "cache"
+    pipeline = uses_pipeline_cache(cfg)
+    folder = data if pipeline else Path(cfg.output_dir) / "cache"
     if build is not None:
         _build(cfg, model_dir, build, folder, dist)
     barrier()
-    if folder == data:
+    if pipeline:
         _check_cache_size(cfg, data)
         key = {"digest": digest([_index_bytes(data, k) for k in ("latents", "text")]),
                "settings": {}}  # fmt: skip
@@ -276,13 +311,13 @@ def _build(cfg: TrainConfig, model_dir: Path, build: CacheBuild, cache: Path, di
         log.info("rebuilding the cache in %s: %s", cache, build.reason)
         shutil.rmtree(cache)
     else:
-        log.info("building caches for %s in %s (%s)", cfg.data_dir, cache, build.reason)
+        log.info("building caches for %s in %s (%s)", build.result.data_dir, cache, build.reason)
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache / INPUTS, json.dumps(build.inputs, indent=1))
     write_problems(build.result, cache / "problems.tsv", cache / "problems.html")
     items, device = build.result.items, str(dist.device)
     build_latent_cache(items, model_dir, cache / "latents", image_size=cfg.image_size,
-                       random_crop=not cfg.center_crop, flip=cfg.random_flip, seed=cfg.seed,
+                       random_crop=not cfg.center_crop, flip=cache_flips(cfg), seed=cfg.seed,
                        batch_size=cfg.cache_batch_size, device=device, dtype="fp32",
                        vae_dir=cfg.vae_model)  # fmt: skip
     pause_point("cache")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from sdxl.dataset_config import Subset, SubsetPlan, plan_subsets
 from sdxl.errors import UserError
+from sdxl.train.sample_prompts import SamplePrompt, sample_prompts
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+LORA_TYPES = ("lora", "dora")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")  # diffusers' --report_to
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -27,7 +30,8 @@ RUNTIME_SETTINGS = ("compile", "compile_mode", "cuda_graphs", "checkpointing_mod
                     "cache_batch_size", "config_source")  # fmt: skip
 # Validation grids: drawn during training by the CLI, by their own rule in the workflow.
 VALIDATION_SETTINGS = ("validation_prompts", "validation_interval", "num_validation_images",
-                       "validation_guidance_scale", "validation_steps")  # fmt: skip
+                       "validation_guidance_scale", "validation_steps", "sample_prompts",
+                       "sample_every_n_steps", "sample_every_n_epochs")  # fmt: skip
 # How long to train: a longer run continues a shorter one (unless the schedule decays).
 LENGTH_SETTINGS = ("num_epochs", "max_steps")
 # Which LoRA snapshots a run keeps: checked against the files when a run continues.
@@ -50,6 +54,7 @@ class TrainConfig:
     lora_target_mode: str = "attention"
     lora_targets: tuple[str, ...] = ()
     lora_conv: bool = False
+    lora_type: str = "lora"  # "lora" or "dora" (weight-decomposed LoRA, LyCORIS dora_wd)
     # optimisation
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -84,9 +89,20 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     caption_dropout: float = 0.0
+    # text encoders (sdxl/train/text_encoding.py): with any of these on, captions are encoded
+    # in each step instead of read from the text cache. kohya's names and semantics.
+    train_text_encoder: bool = False  # LoRA on both CLIP encoders too (same rank and alpha)
+    text_encoder_lr: float | None = None  # the text encoders' LoRA rate (None: learning_rate)
+    unet_lr: float | None = None  # the UNet LoRA's rate (None: learning_rate)
+    shuffle_caption: bool = False  # shuffle the ","-separated pieces of a caption each time
+    keep_tokens: int = 0  # with shuffle_caption: the first N pieces stay in front
     timestep_min: int = 0
     timestep_max: int | None = None  # None: the schedule's num_train_timesteps
     # data
+    # kohya's dataset subsets (sdxl/dataset_config.py: --dataset_config, the pipeline's
+    # data.subsets); empty: data_dir is the one folder (or a pipeline cache of one).
+    subsets: tuple[Subset, ...] = ()
+    prior_loss_weight: float = 1.0  # kohya's: the loss weight of is_reg (regularization) items
     image_size: int = 1024
     center_crop: bool = False
     random_flip: bool = True
@@ -112,11 +128,17 @@ class TrainConfig:
     num_validation_images: int = 4
     validation_guidance_scale: float = 7.5
     validation_steps: int = 20
+    # kohya's names (sdxl/train/sample_prompts.py): the --sample_prompts file the prompts were
+    # read from (its lines are validation_prompts); sample_every_n_steps is validation_interval.
+    sample_prompts: str | None = None
+    sample_every_n_steps: int = 0
+    sample_every_n_epochs: int = 0  # also a grid at the end of every Nth epoch (0: off)
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
         _choice("precision", self.precision, PRECISIONS)
+        _choice("lora_type", self.lora_type, LORA_TYPES)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("report_to", self.report_to, REPORT_TO)
@@ -134,7 +156,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.image_size % 64:
             raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
-        for key in ("save_every_n_steps", "save_last_n", "checkpoint_steps", "validation_interval"):
+        for key in ("save_every_n_steps", "save_last_n", "checkpoint_steps", "validation_interval",
+                    "sample_every_n_steps", "sample_every_n_epochs"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be 0 (off) or positive, got {getattr(self, key)}")
         if not self.output_name or "/" in self.output_name or self.output_name.startswith("."):
@@ -159,8 +182,32 @@ class TrainConfig:
             )
         if self.lr_scheduler_power <= 0:
             raise ValueError(f"lr_scheduler_power must be positive, got {self.lr_scheduler_power}")
+        if self.prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        for key in ("text_encoder_lr", "unet_lr"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive (or unset), got {getattr(self, key)}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be 0 or positive, got {self.keep_tokens}")
+        steps, interval = self.sample_every_n_steps, self.validation_interval
+        if steps and interval and steps != interval:
+            raise ValueError(f"sample_every_n_steps {steps} is kohya's name for "
+                             f"validation_interval {interval}; set one of them")  # fmt: skip
+        self.samples  # noqa: B018  (each prompt line's options are checked)
+
+    @property
+    def sample_interval(self) -> int:
+        """Every how many steps a grid is drawn (0: off): validation_interval, or kohya's name."""
+        return self.validation_interval or self.sample_every_n_steps
+
+    @property
+    def samples(self) -> list[SamplePrompt]:
+        """The first num_validation_images prompts, each with its options and the run's defaults."""
+        lines = self.validation_prompts[: self.num_validation_images]
+        return sample_prompts(lines, self.image_size, self.seed, self.validation_steps,
+                              self.validation_guidance_scale)  # fmt: skip
 
     @property
     def trackers(self) -> set[str]:
@@ -172,6 +219,14 @@ class TrainConfig:
     def schedule_depends_on_length(self) -> bool:
         """linear and cosine decay reach zero at the last step: another length, another run."""
         return self.lr_scheduler in DECAYING_SCHEDULES
+
+    @property
+    def subset_plans(self) -> list[SubsetPlan]:
+        """How training visits each subset (one for a plain data_dir), unset keys from the run."""
+        subsets = self.subsets or (Subset(image_dir=self.data_dir or "."),)
+        return plan_subsets(subsets, random_flip=self.random_flip,
+                            caption_dropout=self.caption_dropout,
+                            shuffle_caption=self.shuffle_caption, keep_tokens=self.keep_tokens)  # fmt: skip
 
     @property
     def lora_target(self) -> str | tuple[str, ...]:
@@ -191,6 +246,11 @@ class TrainConfig:
         for key in ("lora_targets", "validation_prompts", "optimizer_args"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
+        if values.get("subsets"):
+            values["subsets"] = tuple(
+                s if isinstance(s, Subset) else Subset.from_dict(s, f"subsets[{i}]")
+                for i, s in enumerate(values["subsets"])
+            )
         return cls(**values)
 
 

@@ -43,6 +43,28 @@ def epoch_batches(
     return [batches[i] for i in order]
 
 
+def epoch_visits(train: Sequence[tuple[int, int]], reg: Sequence[tuple[int, int]]) -> list[int]:
+    """The samples one epoch visits, from (sample, num_repeats) pairs of training and of
+    regularization images.
+
+    Each training sample comes num_repeats times; regularization samples fill as many visits
+    as the training ones, as kohya does: a first pass with their own repeats, then one more
+    visit each in turn until the counts match (cut short as soon as they do).
+    """
+    visits = [i for i, repeats in train for _ in range(repeats)]
+    counts: dict[int, int] = {}
+    filled, first = 0, True
+    while reg and filled < len(visits):
+        for i, repeats in reg:
+            step = repeats if first else 1
+            counts[i] = counts.get(i, 0) + step
+            filled += step
+            if filled >= len(visits):
+                break
+        first = False
+    return visits + [i for i, n in counts.items() for _ in range(n)]
+
+
 def rank_rows(rank: int, per_rank: int) -> slice:
     """This rank's fixed rows of the padded global batch; rows past the real samples are padding.
 

@@ -41,9 +41,11 @@ def training_metadata(cfg: TrainConfig, facts: RunFacts, optimizer_label: str) -
     size = cfg.image_size
     fields = {
         "ss_sd_model_name": Path(cfg.pretrained_model).name or cfg.pretrained_model,
-        "ss_network_train_unet_only": "True",
+        "ss_network_train_unet_only": not cfg.train_text_encoder,
         "ss_learning_rate": cfg.learning_rate,
-        "ss_unet_lr": cfg.learning_rate,
+        "ss_unet_lr": cfg.unet_lr or cfg.learning_rate,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_keep_tokens": cfg.keep_tokens,
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": cfg.warmup_steps,
         "ss_optimizer": optimizer_label,
@@ -67,25 +69,29 @@ def training_metadata(cfg: TrainConfig, facts: RunFacts, optimizer_label: str) -
         "ss_flip_aug": cfg.random_flip,
         "ss_network_dropout": cfg.lora_dropout,
     }
+    if cfg.train_text_encoder:
+        fields["ss_text_encoder_lr"] = cfg.text_encoder_lr or cfg.learning_rate
     return {k: str(v) for k, v in fields.items()}
 
 
 def write_kohya_file(path: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts,
-                     optimizer_label: str) -> None:  # fmt: skip
-    """The UNet's LoRA as a kohya .safetensors with the run's metadata (final or snapshot)."""
+                     optimizer_label: str, text: dict | None = None) -> None:  # fmt: skip
+    """The UNet's LoRA as a kohya .safetensors with the run's metadata (final or snapshot);
+    `text`: the text encoders' LoRA state (prefixed keys), written as lora_te1_/lora_te2_."""
     from sdxl.lora import lora_state_dict
 
     layout = lora_formats.UNetLayout.from_module_names([n for n, _ in unet.named_modules()])
-    lora_formats.save_kohya(path, lora_state_dict(unet), training_metadata(cfg, facts, optimizer_label),
+    state = {**lora_state_dict(unet), **(text or {})}
+    lora_formats.save_kohya(path, state, training_metadata(cfg, facts, optimizer_label),
                             layout=layout, resolution=cfg.image_size,
                             prediction_type=cfg.prediction_type)  # fmt: skip
 
 
-def write_lora_files(
-    out: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts, optimizer_label: str
-) -> None:
-    """lora_final.safetensors (kohya, with the run's metadata) and the seed's lora_final.pt."""
+def write_lora_files(out: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts,
+                     optimizer_label: str, text: dict | None = None) -> None:  # fmt: skip
+    """lora_final.safetensors (kohya, with the run's metadata; the text encoders' LoRA too) and
+    the seed's lora_final.pt (UNet only: the seed's format has no text encoders)."""
     from sdxl.lora import lora_state_dict
 
     lora_formats.save_seed_pt(out / "lora_final.pt", lora_state_dict(unet), step=facts.steps)
-    write_kohya_file(out / "lora_final.safetensors", unet, cfg, facts, optimizer_label)
+    write_kohya_file(out / "lora_final.safetensors", unet, cfg, facts, optimizer_label, text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sdxl.data.cache import CachedDataset
+from sdxl.dataset_config import SubsetPlan
 from sdxl.errors import UserError
 from sdxl.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
 from sdxl.schedulers import NoiseSchedule
@@ -48,16 +50,17 @@ from sdxl.train.config import (
     TrainConfig,
     for_model,
 )
-from sdxl.train.data_order import epoch_batches, step_generator
+from sdxl.train.data_order import epoch_batches, epoch_visits, step_generator
 from sdxl.train.ema import LoRAEMA
 from sdxl.train.export import RunFacts, optimizer_name, write_kohya_file, write_lora_files
 from sdxl.train.hooks import pause_point
 from sdxl.train.launch import output_lock
 from sdxl.train.loss import draw_step_noise, per_sample_loss
 from sdxl.train.metrics import MetricsLog
-from sdxl.train.optim import lr_at, make_optimizer
+from sdxl.train.optim import lr_at, make_optimizer, param_groups, set_group_lrs
 from sdxl.train.snapshots import list_snapshots, prune_snapshots, snapshot_path, wanted_steps
 from sdxl.train.step import TrainStep, train_step
+from sdxl.train.text_encoding import StepText, log_on_the_fly, on_the_fly_reasons
 from sdxl.utils import atomic_write_text, to_dtype
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,13 @@ class Trainer:
         self.dtype = to_dtype(cfg.precision)
         self.model_dir = caches.model_dir
         self.data = CachedDataset(caches.latent_dir, caches.text_dir)
-        self.samples, self.partner = training_samples(self.data, cfg.random_flip)
+        self.plans = subset_plans(cfg, self.data)
+        self.samples, self.partner = training_samples(self.data, self.plans)
+        self.visits = epoch_visits(*self._repeats())
+        self.loss_scale = {i: cfg.prior_loss_weight for i in self.samples
+                           if self.plans[self.data.subset(i)].is_reg}  # fmt: skip
+        rates = {i: self.plans[self.data.subset(i)].caption_dropout_rate for i in self.samples}
+        self.drop_rates = rates if len(set(rates.values())) > 1 else None  # else: one scalar
         self.batches_cache: tuple[int, list[list[int]]] | None = None
         if self.total_steps() == 0:
             raise UserError(
@@ -102,13 +111,17 @@ class Trainer:
             cfg.checkpointing_mode if cfg.gradient_checkpointing else "none"
         )
         lora_cfg = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              target=cfg.lora_target, conv=cfg.lora_conv)  # fmt: skip
+                              target=cfg.lora_target, conv=cfg.lora_conv,
+                              dora=cfg.lora_type == "dora")  # fmt: skip
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # same LoRA init on every rank and every run
             inject_lora(self.unet, lora_cfg)
         self.unet.train()
-        self.params = lora_parameters(self.unet)
-        self.optimizer = make_optimizer(self.params, cfg)
+        self.text = self._step_text()
+        unet_params = lora_parameters(self.unet)
+        text_params = self.text.lora_parameters() if self.text else []
+        self.params = unet_params + text_params
+        self.optimizer = make_optimizer(param_groups(unet_params, text_params, cfg), cfg)
         self.ema = LoRAEMA(self.params, cfg.ema_decay) if cfg.use_ema else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         sched_cfg = json.loads((self.model_dir / "scheduler" / "scheduler_config.json").read_text())
@@ -118,12 +131,34 @@ class Trainer:
             n = sum(p.numel() for p in self.params)
             log.info("LoRA: %s trainable parameters (%s)", f"{n:,}", cfg.lora_target)
 
+    def _step_text(self) -> StepText | None:
+        """Tokenizers and text encoders on the device, when captions are encoded in the step."""
+        if not on_the_fly_reasons(self.cfg):
+            return None  # the text cache: exact and faster
+        if self.dist.is_main:
+            log_on_the_fly(self.cfg)
+        return StepText(self.model_dir, self.cfg, self.dist.device, self.dtype,
+                        options=self._caption_options)  # fmt: skip
+
+    def _caption_options(self, sample: int) -> tuple[bool, int]:
+        """(shuffle_caption, keep_tokens) of the sample's data subset."""
+        plan = self.plans[self.data.subset(sample)]
+        return plan.shuffle_caption, plan.keep_tokens
+
     # ------------------------------------------------------------------ data order
 
+    def _repeats(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(sample, num_repeats) of the training samples, and of the regularization ones."""
+        pairs = [(i, self.plans[self.data.subset(i)]) for i in self.samples]
+        return ([(i, p.num_repeats) for i, p in pairs if not p.is_reg],
+                [(i, p.num_repeats) for i, p in pairs if p.is_reg])  # fmt: skip
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """One epoch's global batches: every visit (repeats, regularization) in a batch."""
         if self.batches_cache is None or self.batches_cache[0] != epoch:
-            keep = set(self.samples)
-            buckets = {b: [i for i in idx if i in keep] for b, idx in self.data.buckets().items()}
+            buckets: dict[tuple[int, int], list[int]] = {}
+            for i in self.visits:
+                buckets.setdefault(tuple(self.data.samples[i]["bucket"]), []).append(i)
             global_batch = self.cfg.batch_size * self.dist.world  # --batch_size is per GPU
             batches = epoch_batches(buckets, epoch, self.cfg.seed, global_batch)
             self.batches_cache = (epoch, batches)
@@ -141,6 +176,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "lora": lora_state_dict(self.unet),
+            **({"text_lora": self.text.lora_state()} if self.text and self.text.trained else {}),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
@@ -193,6 +229,8 @@ class Trainer:
         from sdxl.lora import load_lora_state_dict
 
         load_lora_state_dict(self.unet, state["lora"])
+        if self.text:
+            self.text.load_lora_state(state.get("text_lora", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state.get("ema"):
@@ -268,7 +306,8 @@ class Trainer:
             name = self.cfg.output_name
             with self._exported_weights():
                 write_kohya_file(snapshot_path(self.out, name, step), self.unet, self.cfg,
-                                 self.facts(), optimizer_name(self.optimizer))  # fmt: skip
+                                 self.facts(), optimizer_name(self.optimizer),
+                                 text=self._text_state())  # fmt: skip
             prune_snapshots(self.out, name, set(wanted_steps(self.cfg, step)))
 
     @contextlib.contextmanager
@@ -282,6 +321,10 @@ class Trainer:
             if self.ema:
                 self.ema.swap()
 
+    def _text_state(self) -> dict | None:
+        """The text encoders' LoRA (prefixed keys) for the files, when they are trained."""
+        return self.text.lora_state() if self.text and self.text.trained else None
+
     def facts(self) -> RunFacts:
         return RunFacts(steps=self.position.step, max_steps=self.total_steps(),
                         epochs=self.position.epoch, num_images=len(self.samples),
@@ -294,24 +337,37 @@ class Trainer:
         empty = tuple(t.to(self.dist.device) for t in self.data.empty_text())
         return TrainStep(self.unet, self.params, self.optimizer, self.schedule, self.cfg,
                          self.dist, per_sample_loss, empty, scaler=self.scaler,
-                         ema=self.ema)  # fmt: skip
+                         ema=self.ema, text=self.text)  # fmt: skip
 
-    def read_group(self, group: list[tuple[int, list[int]]]) -> list[dict]:
+    def read_group(self, group: list[tuple[int, list[int]]], epoch: int = 0) -> list[dict]:
         """This rank's padded rows of each micro-batch of `group` (runs in the read-ahead thread)."""
         pin = self.dist.device.type == "cuda"
-        return [read_rows(self.data, self.partner, batch, self.dist.rank, self.cfg.batch_size,
-                          len(group), pin) for _, batch in group]  # fmt: skip
+        rows = [read_rows(self.data, self.partner, batch, self.dist.rank, self.cfg.batch_size,
+                          len(group), pin, self.loss_scale) for _, batch in group]  # fmt: skip
+        if self.drop_rates:  # each global row's caption dropout rate, for the device's draw
+            size = self.cfg.batch_size * self.dist.world
+            for r, (_, batch) in zip(rows, group, strict=True):
+                rates = torch.zeros(size)
+                rates[: len(batch)] = torch.tensor([self.drop_rates[i] for i in batch])
+                r["drop_rate"] = rates.pin_memory() if pin else rates
+        if self.text:  # the captions' token ids, shuffled per (seed, epoch, batch, row)
+            for r, (index, batch) in zip(rows, group, strict=True):
+                r.update(self.text.rows(self.data, batch, self.dist.rank, self.cfg.batch_size,
+                                        epoch, index, pin))  # fmt: skip
+        return rows
 
     def optimizer_step(self, group: list[tuple[int, list[int]]], host: list[dict],
                        epoch: int) -> dict:  # fmt: skip
         """Draw the group's noise on the device, stage its micro-batches, one `train_step`."""
         cfg, device = self.cfg, self.dist.device
-        self.step.set_lr(lr_at(self.position.step + 1, cfg, self.total_steps()))
+        set_group_lrs(self.optimizer, self.position.step + 1, cfg, self.total_steps())
         micro, flips = [], []
         for slot, ((batch_index, _), rows) in enumerate(zip(group, host, strict=True)):
             g = step_generator(cfg.seed, epoch, batch_index, device)
+            rates = rows.pop("drop_rate", None)
+            rates = None if rates is None else rates.to(device, non_blocking=True)
             rnd = draw_step_noise(g, cfg.batch_size * self.dist.world,
-                                  tuple(rows["mean"].shape[1:]), cfg)  # fmt: skip
+                                  tuple(rows["mean"].shape[1:]), cfg, rates)  # fmt: skip
             micro.append(self.step.stage(rows, rnd, slot))
             flips.append(rnd.flip)
         pause_point(f"step-{self.position.step + 1}")
@@ -338,16 +394,21 @@ class Trainer:
         """Train from the resumed position to the end, then write the LoRA files."""
         cfg = self.cfg
         metrics = validator = None
+        start = self.position.step
         if self.dist.is_main:
             metrics = MetricsLog(self.out / "metrics.csv", self.position.step, cfg.trackers,
                                  cfg.to_dict(), wandb_project=cfg.wandb_project,
                                  run_name=cfg.wandb_run_name,
                                  logging_dir=Path(cfg.logging_dir) if cfg.logging_dir else None)  # fmt: skip
             validator = self._validator()
+            if start == 0:  # the base model (the LoRA starts at zero); kept if drawn already
+                self._sample(metrics, validator, 0, keep=True)
         # A with-block closes the bar on errors too, so an error message starts its own line.
         with tqdm(total=self.total_steps(), initial=self.position.step, desc="train",
                   unit="step", disable=not self.dist.is_main) as bar:  # fmt: skip
             self._epochs(metrics, validator, bar)
+        # The end, always; a resumed run with no step left keeps the grid it drew.
+        self._sample(metrics, validator, self.position.step, keep=self.position.step == start)
         self._finish(metrics)
         return self.out
 
@@ -361,7 +422,8 @@ class Trainer:
             accum = cfg.gradient_accumulation_steps
             groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
             todo = groups[self.position.step_in_epoch :]
-            for group, host in zip(todo, read_ahead(self.read_group, todo), strict=True):
+            read = functools.partial(self.read_group, epoch=epoch)
+            for group, host in zip(todo, read_ahead(read, todo), strict=True):
                 out = self.guarded_step(group, host, epoch)
                 self.position.step += 1
                 self.position.step_in_epoch += 1
@@ -374,8 +436,8 @@ class Trainer:
                     window = []
                 if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
                     self.save_snapshot(step)
-                if validator and cfg.validation_interval and step % cfg.validation_interval == 0:
-                    metrics.log_images(step, validator.run(self.unet, step, self.out))
+                if cfg.sample_interval and step % cfg.sample_interval == 0:
+                    self._sample(metrics, validator, step)
                 if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
                     self.save(step_checkpoint_path(self.out, step))
                 if self.stop_after is not None and step >= self.stop_after:
@@ -384,19 +446,28 @@ class Trainer:
                     break
             if self.position.step_in_epoch >= len(groups):
                 self.position.epoch += 1
+                every = cfg.sample_every_n_epochs
+                if every and self.position.epoch % every == 0:
+                    self._sample(metrics, validator, self.position.step)
                 self.position.step_in_epoch = 0
                 if self.position.epoch % cfg.save_interval == 0:
                     self.save(step_checkpoint_path(self.out, self.position.step))
 
     def _validator(self):
-        cfg = self.cfg
-        if not (cfg.validation_interval and cfg.validation_prompts):
+        """Sample grids whenever prompts are given: at step 0, as configured, and at the end."""
+        if not self.cfg.validation_prompts:
             return None
         from sdxl.train.validation import Validator
 
-        prompts = list(cfg.validation_prompts)[: cfg.num_validation_images]
-        return Validator(self.model_dir, prompts, cfg.image_size, cfg.validation_guidance_scale,
-                         cfg.validation_steps, cfg.seed, self.scheduler_config)  # fmt: skip
+        return Validator(self.model_dir, self.cfg.samples, self.scheduler_config)
+
+    def _sample(self, metrics: MetricsLog | None, validator, step: int, keep: bool = False) -> None:
+        """Draw the grid of `step` (unless already drawn; `keep`: or there) and log it."""
+        if validator and self._text_state() is not None:  # the prompts through today's TE LoRA
+            self.text.refresh_validator(validator)
+        path = validator.run(self.unet, step, self.out, keep=keep) if validator else None
+        if path is not None:
+            metrics.log_images(step, path)
 
     def _log(
         self, metrics: MetricsLog, window: list[dict], epoch: int, seconds: float, bar
@@ -413,7 +484,7 @@ class Trainer:
             "step": self.position.step,
             "epoch": epoch,
             "loss": round(loss, 6),
-            "lr": lr_at(self.position.step, self.cfg, self.total_steps()),
+            "lr": lr_at(self.position.step, self.cfg, self.total_steps(), self.cfg.unet_lr),
             "grad_norm": round(float(window[-1]["out"].grad_norm), 6),
             "images_per_s": round(sum(w["images"] for w in window) / max(seconds, 1e-9), 3),  # global
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -449,7 +520,7 @@ class Trainer:
         if self.dist.is_main:
             with self._exported_weights():
                 write_lora_files(self.out, self.unet, self.cfg, self.facts(),
-                                 optimizer_name(self.optimizer))  # fmt: skip
+                                 optimizer_name(self.optimizer), text=self._text_state())  # fmt: skip
             metrics.close()
         distributed.barrier()
 
@@ -465,8 +536,10 @@ def check_resumable(
     """Refuse to continue a checkpoint made with other training settings.
 
     `ignore`: settings already compared as part of the data key (a change there starts over).
+    A setting the checkpoint does not record is newer than it: it was made with the default.
     """
-    saved, current = (json.loads(json.dumps(c)) for c in (saved, cfg.to_dict()))  # tuples -> lists
+    defaults = TrainConfig(data_dir="").to_dict()
+    saved, current = (json.loads(json.dumps(c)) for c in ({**defaults, **saved}, cfg.to_dict()))
     safe = RESUME_SAFE | ignore
     changed = sorted(k for k in current if k not in safe and saved.get(k) != current[k])
     if changed:
@@ -477,16 +550,30 @@ def check_resumable(
         )
 
 
-def training_samples(data: CachedDataset, random_flip: bool) -> tuple[list[int], dict[int, int]]:
-    """Unflipped samples to iterate over, and each one's flipped variant when flips are cached."""
+def subset_plans(cfg: TrainConfig, data: CachedDataset) -> list[SubsetPlan]:
+    """The run's subset plans, checked against the subsets the cache's items come from."""
+    plans = cfg.subset_plans
+    used = {data.subset(i) for i in range(len(data))}
+    if max(used, default=0) >= len(plans):
+        raise UserError(
+            f"{data.latent_dir.parent}: its items come from {max(used) + 1} data subsets but the "
+            f"settings list {len(plans)}; pass the subsets the cache was built from, or rebuild it"
+        )
+    return plans
+
+
+def training_samples(
+    data: CachedDataset, plans: list[SubsetPlan]
+) -> tuple[list[int], dict[int, int]]:
+    """Unflipped samples to iterate over, and each one's flipped variant where its subset
+    flips and flips are cached."""
     samples = [i for i in range(len(data)) if not data.is_flipped(i)]
-    partner = {i: i for i in samples}
-    if random_flip:
-        flipped = {data.source(i): i for i in range(len(data)) if data.is_flipped(i)}
-        if not flipped:
-            log.warning("random_flip is on but the latent cache has no flipped variants; "
-                        "rebuild it with flip enabled to train with flips")  # fmt: skip
-        partner = {i: flipped.get(data.source(i), i) for i in samples}
+    flipped = {data.source(i): i for i in range(len(data)) if data.is_flipped(i)}
+    if any(plans[data.subset(i)].flip for i in samples) and not flipped:
+        log.warning("random_flip (or flip_aug) is on but the latent cache has no flipped "
+                    "variants; rebuild it with flip enabled to train with flips")  # fmt: skip
+    partner = {i: flipped.get(data.source(i), i) if plans[data.subset(i)].flip else i
+               for i in samples}  # fmt: skip
     return samples, partner
 
 

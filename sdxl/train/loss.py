@@ -25,19 +25,22 @@ class StepNoise:
 
 
 def draw_step_noise(
-    g: torch.Generator, batch: int, shape: tuple[int, int, int], cfg: TrainConfig
-) -> StepNoise:
+    g: torch.Generator, batch: int, shape: tuple[int, int, int], cfg: TrainConfig,
+    drop_rate: torch.Tensor | None = None,
+) -> StepNoise:  # fmt: skip
     """Draw in a fixed order so the same generator always yields the same step.
 
     Everything is drawn on the generator's device, so a CUDA step needs no host-to-device copy
-    of its noise and no host sync.
+    of its noise and no host sync. `drop_rate` (batch,): each row's caption dropout rate when
+    the data subsets' rates differ (default: cfg.caption_dropout for all).
     """
     dev = g.device
     latent = torch.randn((batch, *shape), generator=g, device=dev)
     noise = torch.randn((batch, *shape), generator=g, device=dev)
     offset = torch.randn((batch, shape[0], 1, 1), generator=g, device=dev)
     timesteps = torch.randint(cfg.timestep_min, cfg.timestep_max, (batch,), generator=g, device=dev)
-    drop = torch.rand(batch, generator=g, device=dev) < cfg.caption_dropout
+    rate = cfg.caption_dropout if drop_rate is None else drop_rate
+    drop = torch.rand(batch, generator=g, device=dev) < rate
     flip = torch.rand(batch, generator=g, device=dev) < 0.5
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * offset  # offset noise (Guttenberg 2023)

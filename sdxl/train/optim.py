@@ -28,7 +28,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     common = {"lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay}
     if name == "adamw":
-        device = params[0].device
+        device = _first(params).device
         plain = {**common, "betas": betas, "eps": cfg.adam_epsilon}
         fast = {"lr": torch.tensor(cfg.learning_rate, device=device), "fused": True,
                 "capturable": device.type == "cuda"}  # fmt: skip
@@ -43,9 +43,25 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return _build(name, cls, params, **kwargs, **extra)
 
 
+def param_groups(unet: list[torch.nn.Parameter], text: list[torch.nn.Parameter],
+                 cfg: TrainConfig) -> list[dict]:  # fmt: skip
+    """The UNet LoRA at --unet_lr and the text encoders' at --text_encoder_lr (each defaulting to
+    --learning_rate); `base_lr` is what the schedule scales in `set_group_lrs`."""
+    groups = [{"params": unet, "base_lr": cfg.unet_lr or cfg.learning_rate}]
+    if text:
+        groups.append({"params": text, "base_lr": cfg.text_encoder_lr or cfg.learning_rate})
+    return groups
+
+
+def _first(params) -> torch.nn.Parameter:
+    """The first parameter of a parameter list or of a list of param groups."""
+    first = params[0]
+    return first["params"][0] if isinstance(first, dict) else first
+
+
 # name -> (module, class, package to install), for the optimizers of other packages.
 _PACKAGES = {
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes (CUDA only)"),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
 }
@@ -93,14 +109,15 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: TrainConfig, total_steps: int, base: float | None = None) -> float:
     """Learning rate for optimizer step `step` (1-based): linear warmup, then the schedule.
 
     The shapes are diffusers' (`diffusers.optimization`, which kohya uses too) at the same step:
     cosine_with_restarts restarts from the base rate lr_scheduler_num_cycles times (hard
-    restarts), polynomial decays as (1 - progress) ** lr_scheduler_power to 0.
+    restarts), polynomial decays as (1 - progress) ** lr_scheduler_power to 0. `base`: the rate
+    the schedule scales (default --learning_rate).
     """
-    base, warm = cfg.learning_rate, cfg.warmup_steps
+    base, warm = base or cfg.learning_rate, cfg.warmup_steps
     if warm and step <= warm:
         return base * step / warm
     if cfg.lr_scheduler == "constant":
@@ -125,6 +142,17 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's learning rate; a tensor rate is filled in place (graphs read it there)."""
     for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                  total_steps: int) -> None:  # fmt: skip
+    """Each group's rate at `step`: the schedule applied to its `base_lr` (see param_groups)."""
+    for group in optimizer.param_groups:
+        lr = lr_at(step, cfg, total_steps, group.get("base_lr"))
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from sdxl.train.ema import LoRAEMA
 from sdxl.train.loss import StepNoise
 from sdxl.train.optim import set_lr, skips_on_device
 from sdxl.utils import to_dtype
+
+if TYPE_CHECKING:
+    from sdxl.train.text_encoding import StepText
 
 GRAPH_WARMUP = 2  # eager steps of a bucket before its capture (lazy state, cuDNN autotuning)
 RECOMPILE_LIMIT = 64  # dynamo entries per function: one per bucket, far more than any run uses
@@ -59,8 +63,9 @@ class TrainStep:
                  optimizer: torch.optim.Optimizer, schedule: NoiseSchedule, cfg: TrainConfig,
                  dist: distributed.DistInfo, loss_fn: Callable, empty: tuple[torch.Tensor, ...],
                  *, scaler: torch.amp.GradScaler | None = None, ema: LoRAEMA | None = None,
-                 backend: str = "inductor"):  # fmt: skip
+                 backend: str = "inductor", text: StepText | None = None):  # fmt: skip
         self.model, self.params, self.optimizer, self.ema = model, params, optimizer, ema
+        self.text = text  # captions encoded in the step (sdxl/train/text_encoding.py), or None
         self.schedule, self.cfg, self.loss_fn, self.device = schedule, cfg, loss_fn, dist.device
         self.dtype = to_dtype(cfg.precision)
         self.empty = empty
@@ -168,6 +173,8 @@ class TrainStep:
                  for k in ("mean", "std", "time_ids")}  # fmt: skip
         batch.update(prompt_embeds=x["prompt_embeds"], pooled=x["pooled"],
                      empty_embeds=self.empty[0], empty_pooled=self.empty[1])  # fmt: skip
+        if self.text is not None:  # instead of the cached embeddings: the ids encoded now
+            batch.update(self.text.conditioning(x))
         rnd = StepNoise(x["latent"], x["noise"], x["timesteps"], x["drop_caption"], flip)
         per_sample = self.loss_fn(self.model, batch, rnd, self.schedule, self.cfg, self.dtype)
         return (per_sample * x["weight"]).sum(), per_sample.detach()

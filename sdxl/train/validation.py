@@ -1,15 +1,19 @@
-"""Fixed-seed validation grids: during training (the CLI), or over a run's saved LoRA files.
+"""Fixed-seed sample grids: during training (the CLI), or over a run's saved LoRA files.
 
-Prompts are encoded once at start (the text encoders are then freed) and the VAE waits on the
-CPU between runs, so training keeps only the UNet on the GPU. `validate_run` (the workflow's
-validate_lora rule) draws one grid per snapshot and keeps the grids already drawn from the same
-file with the same settings, so continuing a run draws only the new snapshots.
+Each prompt is a SamplePrompt (sdxl/train/sample_prompts.py: kohya's --n/--w/--h/--d/--s/--l)
+drawn at its own size, seed, steps, guidance and negative prompt with Euler, as generation
+would draw it. Prompts are encoded once at start (the text encoders are then freed) and the VAE
+waits on the CPU between grids, so training keeps only the UNet on the GPU. `validate_run` (the
+workflow's validate_lora rule) draws one grid per snapshot, plus the base model's as step 0,
+and keeps the grids already drawn from the same file with the same settings, so continuing a
+run draws only the new snapshots.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ from sdxl import schedulers
 from sdxl.images import make_grid
 from sdxl.pipeline import decode_latents, guided_model, to_pil
 from sdxl.text import encode_prompts, load_tokenizers
+from sdxl.train.sample_prompts import SamplePrompt
 from sdxl.utils import atomic_path, atomic_write_text
 from sdxl.weights import load_component
 
@@ -27,55 +32,89 @@ GRID_KEY = "sdxl-validation"  # the PNG text chunk with what a grid was drawn fr
 
 
 class Validator:
-    """Samples `prompts` with seeds seed+i at `size` px with Euler; saves a grid per call."""
+    """Draws `samples` side by side with Euler; saves a grid per call."""
 
-    def __init__(self, model_dir: Path, prompts: list[str], size: int, guidance: float,
-                 steps: int, seed: int, scheduler_config: dict):  # fmt: skip
+    def __init__(self, model_dir: Path, samples: list[SamplePrompt], scheduler_config: dict):
+        from sdxl.weights import model_identity
+
+        model_dir = Path(model_dir)
+        self.samples, self.scheduler_config = list(samples), scheduler_config
+        index = model_dir / "model_index.json"
+        index = json.loads(index.read_text()) if index.is_file() else {}
+        self.zero_empty = index.get("force_zeros_for_empty_prompt", True)
         encoders = [load_component(model_dir, n, dtype=torch.float32, device="cpu")
                     for n in ("text_encoder", "text_encoder_2")]  # fmt: skip
-        self.embeds, self.pooled = encode_prompts(load_tokenizers(model_dir), encoders, prompts)
+        self.encode(load_tokenizers(model_dir), encoders)
         del encoders
         self.vae = load_component(model_dir, "vae", dtype=torch.float32, device="cpu")
-        self.prompts, self.size, self.guidance = prompts, size, guidance
-        self.steps, self.seed, self.scheduler_config = steps, seed, scheduler_config
+        self.key = json.dumps({"samples": [asdict(s) for s in self.samples],
+                               "model_id": model_identity(model_dir)}, sort_keys=True)  # fmt: skip
+        self.drawn: set[int] = set()  # steps this validator has drawn
 
-    def run(self, unet: torch.nn.Module, step: int, out_dir: Path) -> Path:
-        """Draw the grid of `unet` as it is at `step` into out_dir/samples (the CLI's layout)."""
+    def encode(self, tokenizers, encoders) -> None:
+        """Each prompt's conditioning and its negative's; an empty negative is all zeros when
+        the model says so (force_zeros_for_empty_prompt), as generation does."""
+        self.embeds, self.pooled = encode_prompts(tokenizers, encoders,
+                                                  [s.prompt for s in self.samples])  # fmt: skip
+        neg_embeds, neg_pooled = encode_prompts(tokenizers, encoders,
+                                                [s.negative for s in self.samples])  # fmt: skip
+        if self.zero_empty:
+            empty = torch.tensor([not s.negative for s in self.samples])
+            neg_embeds[empty], neg_pooled[empty] = 0.0, 0.0
+        self.neg_embeds, self.neg_pooled = neg_embeds, neg_pooled
+
+    def run(
+        self, unet: torch.nn.Module, step: int, out_dir: Path, keep: bool = False
+    ) -> Path | None:
+        """Draw the grid of `unet` as it is at `step` into out_dir/samples (the CLI's layout).
+
+        None when nothing was drawn: this validator already drew `step`, or `keep` and the
+        grid there was drawn from these samples and model.
+        """
         path = out_dir / "samples" / f"step-{step:07d}.png"
-        with atomic_path(path) as tmp:
-            self.grid(unet).save(tmp, format="PNG")
+        if step in self.drawn or (keep and _recorded_key(path) == self.key):
+            return None
+        save_grid(self.grid(unet), path, self.key)
+        self.drawn.add(step)
         return path
 
     @torch.no_grad()
     def grid(self, unet: torch.nn.Module) -> Image.Image:
-        """The prompts side by side, seeds seed+i, sampled with Euler."""
+        """The samples side by side, each captioned with its prompt."""
         was_training = unet.training
         unet.eval()
-        param = next(unet.parameters())
-        n, latent = len(self.prompts), self.size // 8
-        time_ids = torch.tensor([[self.size, self.size, 0, 0, self.size, self.size]] * n * 2)
-        cond = {
-            "encoder_hidden_states": torch.cat([torch.zeros_like(self.embeds), self.embeds]),
-            "text_embeds": torch.cat([torch.zeros_like(self.pooled), self.pooled]),
-            "time_ids": time_ids,
-        }
-        cond = {k: v.to(param.device, param.dtype) for k, v in cond.items()}
-        gens = [torch.Generator("cpu").manual_seed(self.seed + i) for i in range(n)]
-        noise = torch.cat([torch.randn((1, 4, latent, latent), generator=g) for g in gens])
-        model = guided_model(unet, cond, self.guidance, 0.0)
-        latents = schedulers.sample("euler", model, noise.to(param.device), self.steps,
-                                    self.scheduler_config, generators=gens)  # fmt: skip
-        self.vae.to(param.device)
-        images = to_pil(decode_latents(self.vae, latents))
-        self.vae.to("cpu")
-        unet.train(was_training)
-        return make_grid(images, self.prompts)
+        device = next(unet.parameters()).device
+        self.vae.to(device)
+        try:
+            images = [self.image(unet, k) for k in range(len(self.samples))]
+        finally:
+            self.vae.to("cpu")
+            unet.train(was_training)
+        return make_grid(images, [s.prompt for s in self.samples])
+
+    def image(self, unet: torch.nn.Module, k: int) -> Image.Image:
+        """Sample k as generate_images.py would draw it (Euler, its seed, size, steps, cfg)."""
+        s, param = self.samples[k], next(unet.parameters())
+        embeds, pooled = self.embeds[k : k + 1], self.pooled[k : k + 1]
+        time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]])
+        if s.guidance > 1.0:  # negatives first, as the generation pipeline
+            embeds = torch.cat([self.neg_embeds[k : k + 1], embeds])  # (2, 77, D)
+            pooled = torch.cat([self.neg_pooled[k : k + 1], pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        cond = {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+        cond = {key: v.to(param.device, param.dtype) for key, v in cond.items()}
+        gen = torch.Generator("cpu").manual_seed(s.seed)
+        noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=gen)  # (1, 4, H/8, W/8)
+        model = guided_model(unet, cond, s.guidance, 0.0)
+        latents = schedulers.sample("euler", model, noise.to(param.device), s.steps,
+                                    self.scheduler_config, generators=[gen])  # fmt: skip
+        return to_pil(decode_latents(self.vae, latents))[0]
 
 
-def validate_run(lora_files: dict[int, Path], model_dir: Path, prompts: list[str], size: int,
-                 guidance: float, steps: int, seed: int, out_dir: Path, device: str = "cpu",
-                 precision: str = "fp32", code_version: str = "", run: str = "") -> dict:  # fmt: skip
-    """A grid per LoRA file (step -> file) in out_dir, and out_dir/index.json listing them.
+def validate_run(lora_files: dict[int, Path | None], model_dir: Path, samples: list[SamplePrompt],
+                 out_dir: Path, device: str = "cpu", precision: str = "fp32",
+                 code_version: str = "", run: str = "") -> dict:  # fmt: skip
+    """A grid per LoRA file (step -> file; None: the base model) in out_dir, and index.json.
 
     A grid is kept when it was drawn from a file with the same sha256 under the same settings
     (recorded in the PNG); grids of steps no longer wanted are removed.
@@ -84,13 +123,12 @@ def validate_run(lora_files: dict[int, Path], model_dir: Path, prompts: list[str
     from sdxl.weights import model_identity
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"prompts": prompts, "size": size, "guidance_scale": guidance,
-                "sampling_steps": steps, "seed": seed, "precision": precision,
+    settings = {"samples": [asdict(s) for s in samples], "precision": precision,
                 "model_id": model_identity(model_dir), "code": code_version}  # fmt: skip
     grids, todo = [], []
-    for step, path in sorted(lora_files.items()) if prompts else []:
-        entry = {"step": step, "lora": path.name, "sha256": sha256_file(path),
-                 "file": f"step-{step:07d}.png"}  # fmt: skip
+    for step, path in sorted(lora_files.items()) if samples else []:
+        entry = {"step": step, "lora": path.name if path else None,
+                 "sha256": sha256_file(path) if path else None, "file": f"step-{step:07d}.png"}  # fmt: skip
         grids.append(entry)
         key = json.dumps({**settings, "lora_sha256": entry["sha256"]}, sort_keys=True)
         if _recorded_key(out_dir / entry["file"]) != key:
@@ -99,31 +137,64 @@ def validate_run(lora_files: dict[int, Path], model_dir: Path, prompts: list[str
         if old.name not in {g["file"] for g in grids}:
             old.unlink()
     if todo:
-        _draw(todo, model_dir, prompts, size, guidance, steps, seed, device, precision)
+        _draw(todo, model_dir, samples, device, precision)
     log.info("validation grids: %d drawn, %d kept", len(todo), len(grids) - len(todo))
-    index = {"run": run, "prompts": prompts, "seed": seed, "size": size, "guidance_scale": guidance,
-             "sampling_steps": steps, "grids": grids}  # fmt: skip
+    index = {"run": run, "prompts": [s.prompt for s in samples],
+             "samples": settings["samples"], "size": max((s.width for s in samples), default=0),
+             "grids": grids}  # fmt: skip
     atomic_write_text(out_dir / "index.json", json.dumps(index, indent=1) + "\n")
     return index
 
 
-def _draw(todo, model_dir, prompts, size, guidance, steps, seed, device, precision) -> None:
-    """Load the model once and draw each (LoRA file, grid path, key) of `todo`."""
+def _draw(todo, model_dir, samples, device, precision) -> None:
+    """Load the model once and draw each (LoRA file or None, grid path, key) of `todo`."""
     from sdxl.lora import apply_loras, remove_lora
     from sdxl.lora_formats import load_lora_file
+    from sdxl.text_lora import split_components
     from sdxl.utils import to_dtype
 
     sched = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
-    validator = Validator(Path(model_dir), prompts, size, guidance, steps, seed, sched)
+    validator = Validator(Path(model_dir), samples, sched)
     unet = load_component(model_dir, "unet", dtype=to_dtype(precision), device=device)
+    text_lora = False  # whether the prompts were last encoded through a text-encoder LoRA
     for lora, grid_path, key in todo:
-        apply_loras(unet, [(load_lora_file(lora, unet)[0], 1.0)])
+        if lora is None:  # the base model: step 0
+            if text_lora:
+                text_lora = _encode_through(validator, model_dir, {})
+            save_grid(validator.grid(unet), grid_path, key)
+            continue
+        parts = split_components(load_lora_file(lora, unet, text_encoders=True)[0])
+        if text_lora or len(parts) > ("unet" in parts):  # text-encoder parts: kohya lora_te1/2_
+            text_lora = _encode_through(validator, model_dir, parts)
+        if "unet" in parts:
+            apply_loras(unet, [(parts["unet"], 1.0)])
         image = validator.grid(unet)
-        remove_lora(unet)  # back to the base weights for the next file
-        info = PngImagePlugin.PngInfo()
-        info.add_text(GRID_KEY, key)
-        with atomic_path(grid_path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=info)
+        if "unet" in parts:
+            remove_lora(unet)  # back to the base weights for the next file
+        save_grid(image, grid_path, key)
+
+
+def _encode_through(validator: Validator, model_dir: Path, parts: dict) -> bool:
+    """Encode the validator's prompts with the base text encoders plus the text-encoder parts of
+    `parts` (split_components of a LoRA state); True when there were some."""
+    from sdxl.lora import apply_loras
+    from sdxl.text_lora import TEXT_ENCODERS
+
+    encoders = [load_component(model_dir, n, dtype=torch.float32, device="cpu")
+                for n in TEXT_ENCODERS]  # fmt: skip
+    for name, encoder in zip(TEXT_ENCODERS, encoders, strict=True):
+        if name in parts:
+            apply_loras(encoder, [(parts[name], 1.0)])
+    validator.encode(load_tokenizers(model_dir), encoders)
+    return any(name in parts for name in TEXT_ENCODERS)
+
+
+def save_grid(image: Image.Image, path: Path, key: str) -> None:
+    """The grid as a PNG that records `key` (what it was drawn from) in a text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(GRID_KEY, key)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _recorded_key(path: Path) -> str | None:
