@@ -73,11 +73,12 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> None:
 def check_settings(config: dict) -> None:
     """ConfigError for settings that contradict each other (after the schema's defaults)."""
     train = config["train"]
-    if train["sample_every_n_epochs"]:
+    epochs, saved = train["sample_every_n_epochs"], train["save_every_n_epochs"]
+    if sample_prompt_lines(train) and epochs and (not saved or epochs % saved):
         raise ConfigError(
-            "config key 'train.sample_every_n_epochs': the workflow draws its grids from step "
-            "snapshots; use train.sample_every_n_steps (a multiple of save_every_n_steps), or "
-            "train_sdxl.py --sample_every_n_epochs"
+            f"config key 'train.sample_every_n_epochs': {epochs} must be a multiple of "
+            f"train.save_every_n_epochs ({saved}): the grids are drawn from the LoRA snapshots "
+            "saved every save_every_n_epochs epochs"
         )
     steps, interval = train["sample_every_n_steps"], train["validation_interval"]
     if steps and interval and steps != interval:

@@ -66,8 +66,9 @@ def _cli(workdir: Path, *args: str, env: dict | None = None, timeout: int = 300)
         ({"train": {"validation_prompts": ["a"], "validation_interval": 3,
                     "save_every_n_steps": 2}},
          "config key 'train.validation_interval': 3 must be a multiple of train.save_every_n_steps"),
-        ({"train": {"sample_every_n_epochs": 1}},
-         "config key 'train.sample_every_n_epochs': the workflow draws its grids from step"),
+        ({"train": {"validation_prompts": ["a"], "sample_every_n_epochs": 1}},
+         "config key 'train.sample_every_n_epochs': 1 must be a multiple of "
+         "train.save_every_n_epochs (0)"),
         ({"train": {"validation_prompts": ["a cat --ss euler_a"]}},
          "config key 'train.validation_prompts[0]': unknown option --ss"),
         ({"train": {"learning_rat": 1e-4}},

@@ -446,3 +446,15 @@ def test_config_page_comes_from_the_snapshot_escaped(built):
     page = _read(built.config)
     assert HOSTILE not in page and html.escape(HOSTILE) in page
     assert "<h3>generate</h3>" in page
+
+
+def test_grid_cells_cut_out_samples_of_mixed_sizes_exactly():
+    """Sample prompts may set each image's size (--w/--h): the report cuts each one out whole."""
+    from sdxl.report.images import grid_cells
+
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 128), "blue"),
+              Image.new("RGB", (32, 64), "green")]  # fmt: skip
+    grid = make_grid(images, ["a", "b", "c"])
+    cells = grid_cells(grid, 3, 64, [im.size for im in images])
+    assert [c.size for c in cells] == [im.size for im in images]
+    assert all(list(c.getdata()) == list(im.getdata()) for c, im in zip(cells, images, strict=True))

@@ -229,6 +229,30 @@ def test_a_longer_run_continues_a_shorter_one_and_equals_a_straight_run(
     assert not (shrunk / "checkpoints/checkpoint-step0000007.pt").exists()
 
 
+def test_epoch_snapshots_fall_on_epoch_ends_and_continue(tiny_dir, cache_dir, tmp_path):
+    """kohya's save_every_n_epochs: 11 images at batch 2 are 6 steps per epoch, so snapshots
+    at 6 and 12; the first equals a one-epoch run, and a 1-epoch run grown to 2 matches."""
+    from sdxl.train.snapshots import grid_files
+
+    kw = dict(save_every_n_epochs=1, save_every_n_steps=4, max_steps=None)
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_dir, cache_dir, straight, num_epochs=2, **kw))
+    assert _snapshots(straight) == [f"lora-step0000000{k}.safetensors" for k in (4, 6, 8)] + [
+        "lora-step00000012.safetensors"]  # fmt: skip
+    one = tmp_path / "one"
+    train(_cfg(tiny_dir, cache_dir, one, num_epochs=1, **kw))
+    want, got = _lora(one), _lora_file(straight / "lora-step00000006.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    train(_cfg(tiny_dir, cache_dir, one, num_epochs=2, **kw))  # continues from epoch 1
+    assert _snapshots(one) == _snapshots(straight)
+    assert all(torch.equal(_lora(one)[k], _lora(straight)[k]) for k in want)
+    # The workflow's grids of this run: step 0, every 8 steps, every 2nd epoch's end, the final.
+    final = straight / "lora_final.safetensors"
+    snaps = {int(p.stem[-8:]): p for p in straight.glob("lora-step*.safetensors")}
+    assert sorted(grid_files(snaps, final, _header(final), 8, 2)) == [0, 8, 12]
+    assert grid_files(snaps, final, _header(final), 0, 1)[6] == straight / "lora-step00000006.safetensors"
+
+
 def test_a_decaying_schedule_of_another_length_starts_over(tiny_dir, cache_dir, tmp_path, caplog):
     """cosine decays to zero at the last step: a 6-step run is not a 3-step run continued."""
     kw = dict(lr_scheduler="cosine", checkpoint_steps=1)

@@ -302,8 +302,10 @@ def test_validation_settings_rerun_only_validation_and_the_report(finished, edit
                                         "assemble"}),
         ({"train": {"save_last_n": 1}}, {"train_lora", "validate_lora", "generate:0", "generate:1",
                                          "assemble"}),
+        ({"train": {"save_every_n_epochs": 1, "sample_every_n_epochs": 2}},
+         {"train_lora", "validate_lora", "generate:0", "generate:1", "assemble"}),
     ],
-    ids=["sampler", "fewer-images", "more-images", "epochs", "save-last-n"],
+    ids=["sampler", "fewer-images", "more-images", "epochs", "save-last-n", "epoch-samples"],
 )  # fmt: skip
 def test_each_edit_schedules_exactly_its_jobs(finished, edit, jobs):
     assert would_run_jobs(finished, edit) == jobs | {"record_config", "report"}

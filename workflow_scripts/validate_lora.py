@@ -15,7 +15,7 @@ from safetensors import safe_open  # noqa: E402
 
 from sdxl.train.config import TrainConfig  # noqa: E402
 from sdxl.train.sample_prompts import read_prompt_lines  # noqa: E402
-from sdxl.train.snapshots import list_snapshots  # noqa: E402
+from sdxl.train.snapshots import grid_files, list_snapshots  # noqa: E402
 from sdxl.train.validation import validate_run  # noqa: E402
 
 hp = dict(snakemake.params.validation)
@@ -24,12 +24,9 @@ if hp["sample_prompts"]:  # kohya's prompt file instead of validation_prompts
 cfg = TrainConfig.from_dict({**hp, "data_dir": ""})  # the prompts with the run's defaults
 final = Path(snakemake.input.lora)
 with safe_open(str(final), "pt") as f:
-    final_step = int(f.metadata()["ss_steps"])
-every = cfg.sample_interval
-files = {step: path for step, path in list_snapshots(final.parent, snakemake.params.run).items()
-         if every and step % every == 0 and step <= final_step}  # fmt: skip
-files.setdefault(final_step, final)  # the snapshot of the last step is the same LoRA
-files[0] = None  # the base model
+    meta = f.metadata()
+files = grid_files(list_snapshots(final.parent, snakemake.params.run), final, meta,
+                   cfg.sample_interval, cfg.sample_every_n_epochs)  # fmt: skip
 validate_run(files, Path(snakemake.input.model), cfg.samples, Path(snakemake.output.index).parent,
              claim.torch_device, precision(claim, snakemake.config["train"]["precision"]),
              code_digest(snakemake), snakemake.params.run)  # fmt: skip

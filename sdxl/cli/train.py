@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.save_every_n_steps,
         help="also write <output_name>-stepNNNNNNNN.safetensors every N steps (0: off)",
     )
+    a("--save_every_n_epochs", type=int, default=d.save_every_n_epochs,
+      help="also write that snapshot at the end of every N epochs (kohya's; 0: off)")  # fmt: skip
     a(
         "--save_last_n",
         type=int,

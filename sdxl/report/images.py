@@ -26,12 +26,22 @@ def _font(size: int = 12):
     return ImageFont.load_default(size=size)
 
 
-def grid_cells(grid: Image.Image, count: int, size: int | None) -> list[Image.Image]:
+def grid_cells(grid: Image.Image, count: int, size: int | None,
+               sizes: Sequence[tuple[int, int]] = ()) -> list[Image.Image]:  # fmt: skip
     """The `count` images of a make_grid() tile, captions cut off.
 
-    make_grid puts `cols` images of one size per row, each above its caption; the columns are
-    found from the image size when it divides the width, else make_grid's own default.
+    make_grid puts `cols` images per row in cells of the largest width and height, each image
+    centred at the top of its cell above its caption. With each image's (width, height)
+    (`sizes`) every image is cut out exactly; else the columns are found from the image size
+    when it divides the width, else make_grid's own default.
     """
+    if len(sizes) == count and count:
+        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        cols = max(grid.width // w, 1)
+        cell_h = grid.height // math.ceil(count / cols)
+        boxes = [((i % cols) * w + (w - sw) // 2, (i // cols) * cell_h, sw, sh)
+                 for i, (sw, sh) in enumerate(sizes)]  # fmt: skip
+        return [grid.crop((x, y, x + sw, y + sh)) for x, y, sw, sh in boxes]
     divides = size and grid.width % size == 0
     cols = grid.width // size if divides else math.ceil(math.sqrt(count))
     w = grid.width // cols
@@ -47,14 +57,17 @@ def _missing_cell(cell: int, text: str) -> Image.Image:
     return image
 
 
-def _snapshot_cells(folder: Path, grid: dict, prompts: Sequence[str], size, cell: int):
-    """One snapshot's images, scaled to `cell`; a grey cell where the PNG cannot be read."""
+def _snapshot_cells(folder: Path, grid: dict, prompts: Sequence[str], size, cell: int,
+                    sizes: Sequence[tuple[int, int]] = ()):  # fmt: skip
+    """One snapshot's images, scaled to fit `cell` x `cell`; a grey cell where the PNG cannot be
+    read."""
     try:
         with Image.open(folder / str(grid.get("file", ""))) as image:
-            cells = grid_cells(image.convert("RGB"), len(prompts), size)
+            cells = grid_cells(image.convert("RGB"), len(prompts), size, sizes)
     except (OSError, ValueError):
         return [_missing_cell(cell, "grid missing")] * len(prompts)
-    return [c.resize((cell, cell * c.height // max(c.width, 1))) for c in cells]
+    return [c.resize((max(cell * c.width // max(c.width, c.height, 1), 1),
+                      max(cell * c.height // max(c.width, c.height, 1), 1))) for c in cells]  # fmt: skip
 
 
 def _wrap(text: str, width_px: int, lines: int) -> list[str]:
@@ -79,7 +92,9 @@ def validation_over_time(index: dict, folder: Path) -> Image.Image:
     if not grids or not prompts:
         return validation_off()
     size = int(index.get("size") or 0) or None
-    cell = min(size or MAX_CELL, MAX_CELL)
+    samples = index.get("samples") or []
+    sizes = [(int(s["width"]), int(s["height"])) for s in samples if "width" in s]
+    cell = min(max([size or 0, *(max(s) for s in sizes)]) or MAX_CELL, MAX_CELL)
     column, pitch = max(cell, MIN_COLUMN), cell + GAP  # column width, row height
     shown = [grids[k] for k in spread(len(grids), MAX_ROWS)]
     header_h = LINE_H * HEADER_LINES + 8
@@ -93,7 +108,7 @@ def validation_over_time(index: dict, folder: Path) -> Image.Image:
         y = header_h + row * pitch
         label = f"step {grid.get('step', '?')}"
         draw.text((6, y + cell // 2 - 7), label, fill="black", font=_font(13))
-        for col, image in enumerate(_snapshot_cells(folder, grid, prompts, size, cell)):
+        for col, image in enumerate(_snapshot_cells(folder, grid, prompts, size, cell, sizes)):
             sheet.paste(image, (LABEL_W + col * (column + GAP) + (column - cell) // 2, y))
     if footer_h:
         note = f"{len(shown)} of {len(grids)} snapshots shown, evenly spaced"

@@ -35,7 +35,7 @@ VALIDATION_SETTINGS = ("validation_prompts", "validation_interval", "num_validat
 # How long to train: a longer run continues a shorter one (unless the schedule decays).
 LENGTH_SETTINGS = ("num_epochs", "max_steps")
 # Which LoRA snapshots a run keeps: checked against the files when a run continues.
-SNAPSHOT_SETTINGS = ("save_every_n_steps", "save_last_n", "output_name")
+SNAPSHOT_SETTINGS = ("save_every_n_steps", "save_every_n_epochs", "save_last_n", "output_name")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class TrainConfig:
     save_interval: int = 1
     checkpoint_steps: int = 0
     save_every_n_steps: int = 0  # a loadable <output_name>-stepNNNNNNNN.safetensors (0: off)
+    save_every_n_epochs: int = 0  # kohya's: also one at the end of every Nth epoch (0: off)
     save_last_n: int = 0  # keep only the newest N snapshots and step checkpoints (0: all)
     output_name: str = "lora"  # the snapshots' file name prefix
     resume_from: str | None = "auto"
@@ -156,7 +157,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.image_size % 64:
             raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
-        for key in ("save_every_n_steps", "save_last_n", "checkpoint_steps", "validation_interval",
+        for key in ("save_every_n_steps", "save_every_n_epochs", "save_last_n", "checkpoint_steps",
+                    "validation_interval",
                     "sample_every_n_steps", "sample_every_n_epochs"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be 0 (off) or positive, got {getattr(self, key)}")

@@ -58,7 +58,12 @@ from sdxl.train.launch import output_lock
 from sdxl.train.loss import draw_step_noise, per_sample_loss
 from sdxl.train.metrics import MetricsLog
 from sdxl.train.optim import lr_at, make_optimizer, param_groups, set_group_lrs
-from sdxl.train.snapshots import list_snapshots, prune_snapshots, snapshot_path, wanted_steps
+from sdxl.train.snapshots import (
+    list_snapshots,
+    prune_snapshots,
+    snapshot_path,
+    wanted_steps,
+)
 from sdxl.train.step import TrainStep, train_step
 from sdxl.train.text_encoding import StepText, log_on_the_fly, on_the_fly_reasons
 from sdxl.utils import atomic_write_text, to_dtype
@@ -249,7 +254,7 @@ class Trainer:
             step = state["position"]["step"]
             if step > total:
                 return False
-            missing = sorted(set(wanted_steps(self.cfg, step)) - have)
+            missing = sorted(set(self._wanted(step)) - have)
             if missing and self.dist.is_main:
                 log.info("%s: the snapshots of steps %s are gone, so it cannot continue exactly; "
                          "trying an earlier checkpoint", path, missing)  # fmt: skip
@@ -270,7 +275,7 @@ class Trainer:
             elif not resumed_final:
                 final.unlink(missing_ok=True)
             remove_checkpoints(self.out, after=step)
-            prune_snapshots(self.out, self.cfg.output_name, set(wanted_steps(self.cfg, step)))
+            prune_snapshots(self.out, self.cfg.output_name, set(self._wanted(step)))
 
     def _start_over(self, path: Path | None, why: str) -> None:
         """Train from step 0: no checkpoint or snapshot of an earlier run may survive."""
@@ -300,6 +305,10 @@ class Trainer:
             keep_newest_checkpoints(self.out, self.cfg.save_last_n)
         distributed.barrier()
 
+    def _wanted(self, step: int) -> list[int]:
+        """The snapshot steps a straight run has on disk after `step` steps."""
+        return wanted_steps(self.cfg, step, self.steps_per_epoch())
+
     def save_snapshot(self, step: int) -> None:
         """<output_name>-stepNNNNNNNN.safetensors (EMA weights when EMA is on), newest N kept."""
         if self.dist.is_main:
@@ -308,7 +317,7 @@ class Trainer:
                 write_kohya_file(snapshot_path(self.out, name, step), self.unet, self.cfg,
                                  self.facts(), optimizer_name(self.optimizer),
                                  text=self._text_state())  # fmt: skip
-            prune_snapshots(self.out, name, set(wanted_steps(self.cfg, step)))
+            prune_snapshots(self.out, name, set(self._wanted(step)))
 
     @contextlib.contextmanager
     def _exported_weights(self):
@@ -446,6 +455,10 @@ class Trainer:
                     break
             if self.position.step_in_epoch >= len(groups):
                 self.position.epoch += 1
+                every, step = cfg.save_every_n_epochs, self.position.step
+                by_steps = cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0
+                if every and self.position.epoch % every == 0 and not by_steps:
+                    self.save_snapshot(step)  # (a step snapshot of this step is the same file)
                 every = cfg.sample_every_n_epochs
                 if every and self.position.epoch % every == 0:
                     self._sample(metrics, validator, self.position.step)
