@@ -250,7 +250,10 @@ def test_epoch_snapshots_fall_on_epoch_ends_and_continue(tiny_dir, cache_dir, tm
     final = straight / "lora_final.safetensors"
     snaps = {int(p.stem[-8:]): p for p in straight.glob("lora-step*.safetensors")}
     assert sorted(grid_files(snaps, final, _header(final), 8, 2)) == [0, 8, 12]
-    assert grid_files(snaps, final, _header(final), 0, 1)[6] == straight / "lora-step00000006.safetensors"
+    assert (
+        grid_files(snaps, final, _header(final), 0, 1)[6]
+        == straight / "lora-step00000006.safetensors"
+    )
 
 
 def test_a_decaying_schedule_of_another_length_starts_over(tiny_dir, cache_dir, tmp_path, caplog):
