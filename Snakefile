@@ -1,5 +1,5 @@
 # The SDXL LoRA pipeline: weights -> validated dataset -> latent and text caches -> LoRA
-# training -> sharded generation -> one COCO dataset -> report.
+# training -> sharded generation -> one COCO dataset -> evaluation -> report.
 #
 #   snakemake --profile profiles/demo                      # tiny CPU demo, a few minutes
 #   snakemake --cores all --resources gpu=4                # this config.yaml on a GPU box
@@ -29,6 +29,7 @@ include: "rules/data.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"
 include: "rules/generate.smk"
+include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
@@ -44,4 +45,6 @@ rule all:
     default_target: True
     input:
         rules.assemble.output,
+        rules.pack_webdataset.output if WEBDATASET else [],
+        rules.evaluate.output if EVALUATE else [],
         rules.report.output,

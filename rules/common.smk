@@ -31,17 +31,22 @@ LATENT_SHARDS = [f"{k:05d}" for k in range(config["cache"]["latents"]["shards"])
 # Generate job k makes images [k * images_per_shard, (k + 1) * images_per_shard): fixed ranges, so
 # raising num_images adds jobs and leaves the finished ones as they are.
 IMAGES_PER_SHARD = config["generate"]["images_per_shard"]
+# output_format webdataset: the finished dataset is also packed into tars (rule pack_webdataset).
+WEBDATASET = config["generate"]["output_format"] == "webdataset"
 GENERATE_SHARDS = [
     str(k)
     for k in range(math.ceil(config["generate"]["num_images"] / IMAGES_PER_SHARD))
 ]
+EVAL_DIR = "results/eval"
+EVALUATE = config["evaluate"]["enabled"]
 
 # The library modules (under sdxl/) each stage imports. They are declared as inputs, so a
 # code change reruns exactly the stages whose results it can change. Left out on purpose, as
 # they cannot change a result: the GPU allocator (devices.py), process hygiene (procs.py:
 # locks, watchdogs), error messages (errors.py, cli/errors.py) and the test pause hook. The
 # generate jobs' code is recorded in every image (a code change remakes them all), so it leaves
-# out generate/assemble.py too: it only writes their shard-K.json, which assemble checks.
+# out generate/assemble.py too: it only writes their shard-K.json, which assemble checks, and
+# generate/webdataset.py, which only pack_webdataset (and the CLI) runs.
 CODE = {
     "weights": ["prepare.py", "hub.py", "weights.py", "convert.py", "utils.py"],
     "tiny": [
@@ -71,14 +76,23 @@ CODE = {
                    "schedulers.py", "lora.py", "lora_formats.py", "models/unet.py",
                    "models/vae.py", "models/clip.py", "text.py", "images.py", "weights.py",
                    "convert.py", "utils.py"],  # fmt: skip
-    "generate": ["generate/prompts.py", "generate/run.py", "generate/writers.py", "pipeline.py",
-                 "schedulers.py", "lora.py", "lora_formats.py", "text_lora.py", "models/unet.py",
+    "generate": ["generate/prompts.py", "generate/coco_prompts.py", "generate/run.py",
+                 "generate/writers.py", "generate/infotext.py", "pipeline.py", "schedulers.py",
+                 "lora.py", "lora_formats.py", "text_lora.py", "models/unet.py",
                  "models/vae.py", "models/clip.py", "text.py", "weights.py", "convert.py",
                  "utils.py"],  # fmt: skip
-    "assemble": ["generate/assemble.py", "generate/coco.py", "generate/prompts.py", "generate/run.py",
-                 "generate/writers.py", "images.py", "prepare.py", "utils.py"],  # fmt: skip
+    "assemble": ["generate/assemble.py", "generate/coco.py", "generate/coco_prompts.py",
+                 "generate/prompts.py", "generate/run.py",
+                 "generate/writers.py", "generate/infotext.py", "images.py", "prepare.py",
+                 "utils.py"],  # fmt: skip
+    "webdataset": ["generate/webdataset.py", "generate/writers.py", "generate/infotext.py",
+                   "utils.py"],  # fmt: skip
+    "evaluate": ["evaluate/__init__.py", "evaluate/run.py", "evaluate/features.py",
+                 "evaluate/inception.py", "evaluate/clip.py", "evaluate/metrics.py",
+                 "data/dataset.py", "tiny.py", "models/configs.py", "utils.py"],  # fmt: skip
     "report": ["report/__init__.py", "report/charts.py", "report/images.py", "report/pages.py",
-               "report/readers.py", "data/dataset.py", "text.py", "images.py", "utils.py"],  # fmt: skip
+               "report/readers.py", "report/evaluation.py", "data/dataset.py", "text.py", "images.py",
+               "utils.py"],  # fmt: skip
 }
 
 
@@ -182,9 +196,11 @@ def validation_settings():
 
 def generation_settings():
     """What every image depends on (its own index aside); not the image count (each job makes a
-    fixed range) nor speed-only settings (compile, channels_last: read from the config).
+    fixed range) nor speed-only settings (compile, channels_last: read from the config), nor
+    how the dataset is packed (output_format, webdataset_shard_size: the pack_webdataset rule's).
     """
-    skip = {"num_images", "images_per_shard", "compile", "channels_last"}
+    skip = {"num_images", "images_per_shard", "compile", "channels_last",
+            "output_format", "webdataset_shard_size"}  # fmt: skip
     return {k: v for k, v in config["generate"].items() if k not in skip}
 
 
@@ -192,6 +208,56 @@ def shard_range(wildcards):
     """[start, stop) of the images generate job `shard` makes."""
     start = int(wildcards.shard) * IMAGES_PER_SHARD
     return [start, min(start + IMAGES_PER_SHARD, config["generate"]["num_images"])]
+
+
+def _reference_count():
+    """How many reference images there may be, known when the workflow is parsed: the images
+    under evaluate.reference_dir, else the training dataset's image files (items that
+    validation drops leave the last reference shards short, or empty)."""
+    ref = config["evaluate"]["reference_dir"]
+    if not ref:
+        return sum(not p.lower().endswith(".txt") for p in dataset_files(None))
+    return len(reference_dir_files())
+
+
+def reference_dir_files():
+    """The images under evaluate.reference_dir (as sdxl.evaluate.features.image_files)."""
+    root = config["evaluate"]["reference_dir"]
+    if not os.path.isdir(root):
+        raise ValueError(f"evaluate.reference_dir: {root} is not a folder of images")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        found += [
+            os.path.join(folder, n) for n in files if n.lower().endswith(EVAL_SUFFIXES)
+        ]
+    return sorted(found)
+
+
+EVAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_PER_SHARD = config["evaluate"]["images_per_shard"]
+REFERENCE_SHARDS = (
+    [str(k) for k in range(max(1, math.ceil(_reference_count() / REFERENCE_PER_SHARD)))]
+    if EVALUATE
+    else []
+)
+
+
+def reference_range(wildcards):
+    """[start, stop) of the reference images evaluate_reference job `shard` reads."""
+    start = int(wildcards.shard) * REFERENCE_PER_SHARD
+    return [start, start + REFERENCE_PER_SHARD]
+
+
+def reference_inputs(wildcards):
+    """The validated training items (the manifest), or this shard's reference images."""
+    if not config["evaluate"]["reference_dir"]:
+        return rules.validate_captions.output.manifest
+    start, stop = reference_range(wildcards)
+    return reference_dir_files()[start:stop]
+
+
+def evaluate_settings(*keys):
+    return {k: config["evaluate"][k] for k in keys}
 
 
 def benchmark_file(name):
@@ -216,4 +282,9 @@ def all_benchmarks():
     ]
     names += [f"generate/shard-{k}" for k in GENERATE_SHARDS]
     names += ["assemble", "record_config"]
+    names += ["pack_webdataset"] if WEBDATASET else []
+    if EVALUATE:
+        names += [f"evaluate_features/shard-{k}" for k in GENERATE_SHARDS]
+        names += [f"evaluate_reference/shard-{k}" for k in REFERENCE_SHARDS]
+        names += ["evaluate"]
     return [benchmark_file(name) for name in names]

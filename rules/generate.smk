@@ -53,3 +53,25 @@ rule assemble:
         "Assembling the generated images into one COCO dataset (hard links, no copies)"
     script:
         "../workflow_scripts/assemble.py"
+
+
+# output_format webdataset: the finished dataset packed into tars. It reruns after every assemble,
+# keeping each tar that already holds the images asked for (see sdxl/generate/webdataset.py).
+rule pack_webdataset:
+    input:
+        metadata=rules.assemble.output.metadata,
+        code=code("webdataset"),
+    output:
+        index=f"{DATASET_DIR}/webdataset/shards.json",
+    log:
+        log_file("pack_webdataset"),
+    benchmark:
+        benchmark_file("pack_webdataset")
+    conda:
+        "../envs/torch.yaml"
+    params:
+        shard_size=config["generate"]["webdataset_shard_size"],
+    message:
+        "Packing the dataset into WebDataset tars of {params.shard_size} images"
+    script:
+        "../workflow_scripts/pack_webdataset.py"

@@ -35,6 +35,7 @@ rule report:
         metadata=rules.assemble.output.metadata,
         sheet=rules.assemble.output.sheet,
         benchmarks=all_benchmarks(),
+        metrics=rules.evaluate.output.metrics if EVALUATE else [],
         code=code("report"),
     output:
         training=report(
@@ -79,6 +80,12 @@ rule report:
             category="Generated dataset",
             subcategory="Contact sheet",
         ),
+        evaluation=report(
+            "results/report/evaluation.html",
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            subcategory="FID, KID and CLIP score",
+        ),
         runtime=report(
             "results/report/runtime.html",
             caption="../report/runtime.rst",
@@ -96,6 +103,6 @@ rule report:
     conda:
         "../envs/torch.yaml"
     message:
-        "Drawing the report pages: training, validation, dataset, generation, runtime"
+        "Drawing the report pages: training, validation, dataset, generation, evaluation, runtime"
     script:
         "../workflow_scripts/report.py"

@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_lora import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdxl.lora import (
@@ -23,6 +22,7 @@ from sdxl.lora_formats import load_lora_file, save_kohya
 from sdxl.models import unet as unet_module
 from sdxl.models.configs import TINY
 from sdxl.models.unet import KV, QKV, Attention, UNet2DConditionModel, UNetConfig
+from tests.test_lora import rel_err
 
 
 def build(state: dict[str, torch.Tensor], fused: bool) -> UNet2DConditionModel:

@@ -132,7 +132,7 @@ def test_coco_files_agree_with_disk(one_worker):
         with Image.open(one_worker / info["file_name"]) as im:
             assert im.size == (info["width"], info["height"])
             assert im.text["parameters"].startswith(
-                PROMPTS[image_id] + "\nSteps: 2, Sampler: euler"
+                PROMPTS[image_id] + "\nSteps: 2, Sampler: Euler, Schedule type: Automatic"
             )
             assert json.loads(im.text["sdxl"])["seed"] == 3 + image_id
         caption = coco.loadAnns(coco.getAnnIds(imgIds=image_id))[0]["caption"]

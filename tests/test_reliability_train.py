@@ -123,7 +123,8 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 def bad_data(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """One folder with every bad-item kind of test_data plus the catalogue's extras."""
     from PIL import Image
-    from test_data import _broken_dataset, _pair
+
+    from tests.test_data import _broken_dataset, _pair
 
     root = tmp_path_factory.mktemp("bad") / "data"
     root.mkdir()

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import (
+
+from sdxl.procs import is_alive
+from tests.test_workflow import (
     BIN,
     HOSTILE,
     ROOT,
@@ -30,8 +32,6 @@ from test_workflow import (
     _env,
     copy_workflow,
 )
-
-from sdxl.procs import is_alive
 
 # The tests of the demo run (this module and its sibling share it) run on one xdist worker.
 pytestmark = pytest.mark.xdist_group("demo")
@@ -276,7 +276,7 @@ def test_report_shows_hostile_strings_escaped_and_never_runs_them(finished):
     assert not [attrs for tag, attrs in tags.tags if tag == "img" and "onerror" in attrs]
     assert not MARKUP.search(report)  # not even inside a <script>: nothing unescaped
     pages = _embedded_pages(report)
-    names = ("config", "problems", "training", "data", "generation", "runtime")
+    names = ("config", "problems", "training", "data", "generation", "evaluation", "runtime")
     assert set(pages) == {f"results/report/{name}.html" for name in names}
     for page in pages.values():
         parsed = _Tags(page)

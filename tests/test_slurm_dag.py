@@ -46,6 +46,8 @@ SETTINGS = {
     "generate": {"num_images": 4, "images_per_shard": 2},
     # train_lora asks for two GPUs and runs torchrun; no validation prompts: a quick grid job.
     "train": {"gpus": 2, "max_steps": 2, "validation_prompts": []},
+    # The evaluation jobs are checked by the demo run (tests/test_workflow.py).
+    "evaluate": {"enabled": False},
 }
 BAD_IMAGE = "examples/shapes/99_broken.png"
 SLURM_RULES = ["validate_captions", "cache_latents", "cache_text", "train_lora", "validate_lora",

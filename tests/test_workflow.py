@@ -39,10 +39,16 @@ RULE_OF = [
     ("results/validation/", "validate_lora"),
     ("results/generate/", "generate"),
     ("results/dataset/", "assemble"),
+    ("results/eval/generated/", "evaluate_features"),
+    ("results/eval/reference/", "evaluate_reference"),
+    ("results/eval/", "evaluate"),
     ("results/report/", "report"),
     ("results/config.json", "record_config"),
 ]
-AFTER_TRAIN = {"train_lora", "validate_lora", "generate", "assemble", "report"}
+# The evaluation jobs of the demo's two generate shards.
+EVAL_01 = {"evaluate_features:0", "evaluate_features:1", "evaluate"}
+AFTER_TRAIN = {"train_lora", "validate_lora", "generate", "assemble", "evaluate_features",
+               "evaluate", "report"}  # fmt: skip
 CONFIG_EDIT = {"record_config", "report"}  # any config edit: the config snapshot and page
 # Hostile strings in every user-controlled field of the demo run: the report must show them
 # escaped, never run them (tests/test_reliability_workflow.py parses the report).
@@ -114,7 +120,8 @@ def job_of(path: str) -> str:
     """The job that writes `path`: its rule, and its shard for the sharded rules (rule:K)."""
     rule = rule_of(path)
     shard = re.search(r"shard-(\d+)", path)
-    return f"{rule}:{int(shard[1])}" if shard and rule in ("generate", "cache_latents") else rule
+    sharded = ("generate", "cache_latents", "evaluate_features", "evaluate_reference")
+    return f"{rule}:{int(shard[1])}" if shard and rule in sharded else rule
 
 
 def would_run_jobs(workdir: Path, config: dict | None = None) -> set[str]:
@@ -234,9 +241,15 @@ def test_demo_dag_produces_every_artifact(finished):
     # Every item has a named category and subcategory (Snakemake's default is "Other").
     categories = json.loads(re.search(r"var categories = (\{.*?\});\n", report).group(1))
     assert set(categories) == {"Training", "Validation", "Dataset", "Generated dataset",
-                               "Runtime", "Configuration"}  # fmt: skip
+                               "Evaluation", "Runtime", "Configuration"}  # fmt: skip
     assert all("Other" not in subs for subs in categories.values()), categories
-    assert sum(len(items) for subs in categories.values() for items in subs.values()) == 9
+    assert sum(len(items) for subs in categories.values() for items in subs.values()) == 10
+    metrics = json.loads((results / "eval/metrics.json").read_text())
+    assert metrics["n_images"] == 8 and metrics["reference"]["n_images"] == 33
+    assert metrics["inception"]["model"] == "builtin:tiny-inception"
+    assert metrics["clip_model"] == "builtin:tiny-clip"
+    assert metrics["fid"] > 0 and metrics["clip_score"] is not None
+    assert "FID" in (results / "report/evaluation.html").read_text()
 
 
 def test_nothing_changed_reruns_nothing(finished):
@@ -256,6 +269,8 @@ def test_generation_setting_reruns_generation_and_after(finished):
     assert would_run(finished, {"generate": {"guidance_scale": 3.0}}) == {
         "generate",
         "assemble",
+        "evaluate_features",
+        "evaluate",
         "record_config",
         "report",
     }
@@ -295,17 +310,25 @@ def test_validation_settings_rerun_only_validation_and_the_report(finished, edit
 @pytest.mark.parametrize(
     ("edit", "jobs"),
     [
-        ({"generate": {"sampler": "ddim"}}, {"generate:0", "generate:1", "assemble"}),
-        ({"generate": {"num_images": 6}}, {"generate:1", "assemble"}),
-        ({"generate": {"num_images": 12}}, {"generate:2", "assemble"}),
+        ({"generate": {"sampler": "ddim"}}, {"generate:0", "generate:1", "assemble"} | EVAL_01),
+        ({"generate": {"num_images": 6}}, {"generate:1", "assemble", "evaluate_features:1",
+                                           "evaluate"}),
+        ({"generate": {"num_images": 12}}, {"generate:2", "assemble", "evaluate_features:2",
+                                            "evaluate"}),
         ({"train": {"num_epochs": 2}}, {"train_lora", "validate_lora", "generate:0", "generate:1",
-                                        "assemble"}),
+                                        "assemble"} | EVAL_01),
         ({"train": {"save_last_n": 1}}, {"train_lora", "validate_lora", "generate:0", "generate:1",
-                                         "assemble"}),
+                                         "assemble"} | EVAL_01),
         ({"train": {"save_every_n_epochs": 1, "sample_every_n_epochs": 2}},
-         {"train_lora", "validate_lora", "generate:0", "generate:1", "assemble"}),
+         {"train_lora", "validate_lora", "generate:0", "generate:1", "assemble"} | EVAL_01),
+        ({"evaluate": {"kid_subsets": 3}}, {"evaluate"}),
+        ({"evaluate": {"clip_model": None}}, {"evaluate_features:0", "evaluate_features:1",
+                                              "evaluate"}),
+        ({"evaluate": {"images_per_shard": 16}},  # 34 candidate images: 3 reference shards
+         {"evaluate_reference:0", "evaluate_reference:1", "evaluate_reference:2", "evaluate"}),
     ],
-    ids=["sampler", "fewer-images", "more-images", "epochs", "save-last-n", "epoch-samples"],
+    ids=["sampler", "fewer-images", "more-images", "epochs", "save-last-n", "epoch-samples",
+         "kid-subsets", "no-clip", "reference-shards"],
 )  # fmt: skip
 def test_each_edit_schedules_exactly_its_jobs(finished, edit, jobs):
     assert would_run_jobs(finished, edit) == jobs | {"record_config", "report"}
@@ -330,7 +353,8 @@ def test_added_image_reruns_validation_and_after(finished, tmp_path):
     with Image.open(shapes / "00_red_circle.png") as im:
         ImageOps.mirror(ImageOps.flip(im)).rotate(45, fillcolor="white").save(shapes / "99_new.png")
     (shapes / "99_new.txt").write_text("a rotated red circle on a white background\n")
-    expected = {"validate_captions", "cache_latents", "merge_latents", "cache_text"} | AFTER_TRAIN
+    expected = {"validate_captions", "cache_latents", "merge_latents", "cache_text",
+                "evaluate_reference"} | AFTER_TRAIN  # fmt: skip
     assert would_run(work) == expected
 
 
@@ -339,10 +363,14 @@ def test_library_code_change_reruns_only_its_stages(finished, tmp_path):
     writers = work / "sdxl/generate/writers.py"
     writers.write_text(writers.read_text() + "\n# an edit\n")
     # report: it shows a copy of the contact sheet that assemble writes
-    assert would_run(work) == {"generate", "assemble", "report"}
+    assert would_run(work) == {"generate", "assemble", "evaluate_features", "evaluate", "report"}
     validation = work / "sdxl/train/validation.py"
     validation.write_text(validation.read_text() + "\n# an edit\n")
-    assert would_run(work) == {"validate_lora", "generate", "assemble", "report"}
+    assert would_run(work) == {"validate_lora", "generate", "assemble", "evaluate_features",
+                               "evaluate", "report"}  # fmt: skip
+    metrics = work / "sdxl/evaluate/metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# an edit\n")
+    assert "evaluate_reference" in would_run(work)
 
 
 def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
@@ -561,7 +589,7 @@ def test_speed_and_logging_edit_touches_no_result(finished, tmp_path):
 def test_more_images_makes_only_the_new_ones(finished, tmp_path):
     work = clone(finished, tmp_path / "run")
     edit_demo(work, generate={"num_images": 10})
-    ran = {"generate:2", "assemble"} | CONFIG_JOBS
+    ran = {"generate:2", "assemble", "evaluate_features:2", "evaluate"} | CONFIG_JOBS
     before, after = rerun(work, ran)
     assert_same_files(before, after, ran)
     coco = json.loads((work / "results/dataset/captions.json").read_text())
@@ -580,7 +608,7 @@ def test_edited_prompt_regenerates_only_its_images(finished, tmp_path):
     lines = prompts.read_text().splitlines()
     lines[5] = "a purple hexagon on a white background"  # image 5 only (16 prompts, 8 images)
     prompts.write_text("\n".join(lines) + "\n")
-    ran = {"generate:0", "generate:1", "assemble", "report"}  # the config is the same
+    ran = {"generate:0", "generate:1", "assemble", "report"} | EVAL_01  # the config is the same
     before, after = rerun(work, ran)
     image5 = {f"results/{d}/00005.{ext}" for d in ("generate/shard-1", "dataset")
               for ext in ("png", "txt")}  # fmt: skip
@@ -620,7 +648,7 @@ def _same_lora(a: Path, b: Path) -> None:
         assert fa.metadata() == fb.metadata()
 
 
-AFTER_TRAIN_JOBS = {"train_lora", "validate_lora", "generate:0", "generate:1", "assemble"}
+AFTER_TRAIN_JOBS = {"train_lora", "validate_lora", "generate:0", "generate:1", "assemble"} | EVAL_01
 
 
 def all_images(states: dict) -> set[str]:

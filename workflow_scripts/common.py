@@ -113,17 +113,20 @@ def generation_config(settings: dict, inputs, output_dir, count: int, index_widt
 
     settings: generation_settings() of the workflow; speed: compile and channels_last.
     """
-    from sdxl.generate.prompts import expand_prompts, read_prompt_file
+    from sdxl.generate.prompts import load_prompts
     from sdxl.generate.run import GenerateConfig
 
     hp = dict(settings)
     del hp["prompts_file"]  # the file is an input
-    prompts = expand_prompts(read_prompt_file(inputs.prompts, flag="generate.prompts_file"), count,
-                             hp.pop("shuffle_prompts"), hp["seed"])  # fmt: skip
+    prompts, sources = load_prompts(inputs.prompts, count, shuffle=hp.pop("shuffle_prompts"),
+                                    seed=hp["seed"], coco_captions=hp["coco_captions"],
+                                    flag="generate.prompts_file",
+                                    mode_flag="generate.coco_captions")  # fmt: skip
     return GenerateConfig(
         pretrained_model=str(inputs.model),
         output_dir=str(output_dir),
         prompts=tuple(prompts),
+        prompt_sources=tuple(sources),
         loras=((str(inputs.lora), hp.pop("lora_scale")),),
         merge_loras=hp.pop("merge_lora"),
         device=device,

@@ -12,7 +12,8 @@ import logging
 import sys
 
 from sdxl.cli.errors import add_debug_flag, one_line_errors
-from sdxl.generate.prompts import expand_prompts, read_prompt_file
+from sdxl.generate.coco_prompts import COCO_MODES
+from sdxl.generate.prompts import expand_prompts, load_prompts
 from sdxl.generate.run import GenerateConfig, generate_dataset
 from sdxl.schedulers import SAMPLERS
 
@@ -62,7 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="one prompt, used for every image")
     prompt.add_argument(
-        "--prompt-file", help="text file, one prompt per line (blank lines skipped)"
+        "--prompt-file",
+        help="text file, one prompt per line (blank lines skipped), or a COCO captions file "
+        "(captions_val2017.json)",
+    )
+    p.add_argument(
+        "--coco-captions",
+        default="first",
+        choices=COCO_MODES,
+        help="with a COCO captions file: one image per COCO image with its first caption, one "
+        "per caption (all), or one per image with a seeded random caption; taken in a seeded "
+        "shuffled order, the first --num-images of it (default: first)",
     )
     p.add_argument("--negative-prompt", default="", help="empty = zero embeddings, as SDXL base")
     p.add_argument("--num-images", type=int, default=1)
@@ -73,7 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--scheduler", default="euler", choices=sorted(SAMPLERS))
     p.add_argument("--output-dir", default="./generated_images")
-    p.add_argument("--output-format", default="coco", choices=["coco", "simple"])
+    p.add_argument(
+        "--output-format",
+        default="coco",
+        choices=["coco", "simple", "webdataset"],
+        help="coco: numbered PNG + .txt, captions.json, metadata.jsonl; simple: PNGs only; "
+        "webdataset: the coco folder plus webdataset/shard-NNNNNN.tar (.png + .txt + .json each)",
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="images per tar for --output-format webdataset"
+    )
     p.add_argument("--save-metadata", action="store_true", help="also write NNNNN.json per image")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-gpus", type=int, default=None, help="worker count (default: all GPUs)")
@@ -110,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty; give a prompt")
-    base = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
-    prompts = expand_prompts(base, args.num_images, args.shuffle_prompts, args.seed)
+    if args.prompt is not None:
+        prompts, sources = expand_prompts([args.prompt], args.num_images), []
+    else:
+        prompts, sources = load_prompts(args.prompt_file, args.num_images,
+                                        shuffle=args.shuffle_prompts, seed=args.seed,
+                                        coco_captions=args.coco_captions)  # fmt: skip
     if len(args.lora_scale) > len(args.lora_checkpoint):
         raise ValueError("more --lora-scale values than --lora-checkpoint files")
     scales = args.lora_scale + [1.0] * (len(args.lora_checkpoint) - len(args.lora_scale))
@@ -120,11 +144,13 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     width, height = args.image_size
     return GenerateConfig(
         pretrained_model=args.pretrained_model, output_dir=args.output_dir, prompts=tuple(prompts),
+        prompt_sources=tuple(sources), coco_captions=args.coco_captions,
         negative_prompt=args.negative_prompt, width=width, height=height,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         sampler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
         precision=args.precision, device=args.device, save_metadata=args.save_metadata,
-        output_format=args.output_format, loras=tuple(zip(args.lora_checkpoint, scales, strict=True)),
+        output_format=args.output_format, webdataset_shard_size=args.shard_size,
+        loras=tuple(zip(args.lora_checkpoint, scales, strict=True)),
         merge_loras=not args.no_merge_lora, compile=args.compile, channels_last=args.channels_last,
         fused_qkv=args.fused_qkv,
     )  # fmt: skip

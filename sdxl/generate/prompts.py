@@ -40,3 +40,22 @@ def expand_prompts(
     if shuffle:
         random.Random(seed).shuffle(prompts)
     return [prompts[i % len(prompts)] for i in range(num_images)]
+
+
+def load_prompts(path: str | Path, num_images: int, *, shuffle: bool = False, seed: int = 0,
+                 coco_captions: str = "first", flag: str = "--prompt-file",
+                 mode_flag: str = "--coco-captions") -> tuple[list[str], list[dict]]:  # fmt: skip
+    """The prompts of images 0..num_images-1 from a prompt file, and where each came from.
+
+    A COCO captions file (see sdxl/generate/coco_prompts.py) gives its captions in a seeded
+    order, each with its source image (coco_image_id, ...); a text file gives one prompt per
+    line, cycled (and shuffled first if asked), with no sources.
+    """
+    from sdxl.generate.coco_prompts import check_coco_mode, coco_prompts, read_coco_file
+
+    check_coco_mode(coco_captions, mode_flag)
+    path = Path(path)
+    coco = read_coco_file(path) if path.is_file() else None
+    if coco is not None:
+        return coco_prompts(path, coco, num_images, coco_captions, seed, mode_flag)
+    return expand_prompts(read_prompt_file(path, flag), num_images, shuffle, seed), []

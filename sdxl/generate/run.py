@@ -49,6 +49,12 @@ class GenerateConfig:
     pretrained_model: str
     output_dir: str
     prompts: tuple[str, ...]
+    # Where each prompt came from (a COCO captions file: coco_image_id, coco_file_name, coco_url
+    # of its image), recorded in the image's metadata and captions.json; empty for text prompts.
+    prompt_sources: tuple[dict, ...] = ()
+    # Which captions of a COCO prompt file the prompts are (first, all or random; see
+    # sdxl/generate/coco_prompts.py): the images record the prompts and sources, not this.
+    coco_captions: str = "first"
     negative_prompt: str = ""
     width: int = 1024
     height: int = 1024
@@ -61,6 +67,7 @@ class GenerateConfig:
     device: str = "auto"
     save_metadata: bool = False
     output_format: str = "coco"
+    webdataset_shard_size: int = 1000  # images per tar (output_format webdataset); not in them
     loras: tuple[tuple[str, float], ...] = ()
     merge_loras: bool = True
     # Speed only, not in the images' metadata (kernel choices, like batch size; see FastPath):
@@ -75,6 +82,7 @@ class GenerateConfig:
     code_version: str = ""
 
     def __post_init__(self):
+        from sdxl.generate.coco_prompts import check_coco_mode
         from sdxl.pipeline import check_image_size
         from sdxl.schedulers import check_sampler
 
@@ -84,11 +92,17 @@ class GenerateConfig:
             raise ValueError(
                 f"--num-inference-steps must be at least 1, got {self.num_inference_steps}"
             )
-        if self.output_format not in ("coco", "simple"):
-            raise ValueError(f"--output-format must be coco or simple, got {self.output_format!r}")
+        if self.output_format not in ("coco", "simple", "webdataset"):
+            raise ValueError(
+                f"--output-format must be coco, simple or webdataset, got {self.output_format!r}"
+            )
+        if self.webdataset_shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {self.webdataset_shard_size}")
         empty = [i for i, p in enumerate(self.prompts) if not p.strip()]
         if empty:
             raise ValueError(f"prompts {empty[:10]} are empty; remove them or write a prompt")
+        assert not self.prompt_sources or len(self.prompt_sources) == len(self.prompts)
+        check_coco_mode(self.coco_captions)
         check_sampler(self.sampler)
         check_image_size(self.width, self.height)
         for path, _ in self.loras:
@@ -102,13 +116,22 @@ class GenerateConfig:
         Computed once per config (LoRA files are hashed, the model's files only stat'ed, see
         `sdxl.weights.model_identity`): a path alone misses a file replaced in place.
         """
+        from sdxl.generate.infotext import lora_short_hash, model_short_hash
         from sdxl.prepare import sha256_file
         from sdxl.weights import model_identity
 
-        out: dict = {"model_id": model_identity(self.pretrained_model)}
+        out: dict = {
+            "model_id": model_identity(self.pretrained_model),
+            "model_hash": model_short_hash(self.pretrained_model),  # A1111's (infotext.py)
+        }
         if self.loras:
             out["loras"] = [
-                {"file": Path(p).name, "scale": s, "sha256": sha256_file(Path(p))}
+                {
+                    "file": Path(p).name,
+                    "scale": s,
+                    "sha256": sha256_file(Path(p)),
+                    "a1111_hash": lora_short_hash(p),
+                }
                 for p, s in self.loras
             ]
             out["lora_merged"] = self.merge_loras  # merged weights round differently
@@ -117,12 +140,12 @@ class GenerateConfig:
     @property
     def caption_files(self) -> bool:
         """Whether NNNNN.txt captions go beside the images (the COCO layout, not 'simple')."""
-        return self.output_format == "coco"
+        return self.output_format in ("coco", "webdataset")
 
     @property
     def json_files(self) -> bool:
         """Whether NNNNN.json per-image metadata goes beside the images."""
-        return self.save_metadata and self.output_format == "coco"
+        return self.save_metadata and self.output_format in ("coco", "webdataset")
 
     @property
     def stem_width(self) -> int:
@@ -153,6 +176,7 @@ def image_meta(cfg: GenerateConfig, index: int) -> dict:
         "index": index,
         "file_name": f"{cfg.file_stem(index)}.png",
         "prompt": cfg.prompts[index],
+        **(cfg.prompt_sources[index] if cfg.prompt_sources else {}),  # COCO: the source image
         "negative_prompt": cfg.negative_prompt,
         "seed": cfg.seed + index,
         "base_seed": cfg.seed,
@@ -358,10 +382,17 @@ def generate_dataset(cfg: GenerateConfig, num_workers: int | None = None,
     devices = resolve_devices(cfg.device, num_workers)
     with _dataset_lock(cfg) as out:
         made = _generate(cfg, indices, devices)
-        if cfg.output_format == "coco":
-            finalize_dataset(cfg, indices)
-        else:
+        # Here, not at the top: the workflow's generate jobs never pack tars (CODE in common.smk)
+        from sdxl.generate.webdataset import WEBDATASET_DIR, remove_webdataset, write_webdataset
+
+        if cfg.output_format == "simple":
             remove_dataset_files(out)
+        else:
+            finalize_dataset(cfg, indices)
+        if cfg.output_format == "webdataset":  # tars packed from the finished folder
+            write_webdataset(out, out / WEBDATASET_DIR, cfg.webdataset_shard_size)
+        else:
+            remove_webdataset(out / WEBDATASET_DIR)
     return made
 
 

@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
+from sdxl.generate.infotext import infotext
 from sdxl.utils import atomic_path, atomic_write_text
 
 META_KEY = "sdxl"  # the PNG text chunk holding image_meta as JSON
@@ -20,21 +21,9 @@ _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last 12 bytes (empty IEND c
 _ITEM = re.compile(r"(\d+)\.(png|txt|json)")  # the numbered files a dataset folder holds
 
 
-_A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed",
-               "size": "Size", "model": "Model", "lora": "Lora"}  # fmt: skip
-
-
 def parameters_text(meta: dict) -> str:
-    """A1111's 'parameters' text: prompt, 'Negative prompt: ...', then 'Key: value' settings."""
-    settings = ", ".join(
-        f"{label}: {meta[key]}"
-        for key, label in _A1111_KEYS.items()
-        if meta.get(key) not in (None, "")
-    )
-    negative = (
-        f"\nNegative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else ""
-    )
-    return f"{meta['prompt']}{negative}\n{settings}"
+    """A1111's 'parameters' text (see sdxl.generate.infotext), made from the image's metadata."""
+    return infotext(meta)
 
 
 def meta_text(meta: dict) -> str:
@@ -52,7 +41,13 @@ def save_png(image: Image.Image, path: Path, meta: dict) -> None:
 
 
 def recorded_meta(path: Path) -> str | None:
-    """The 'sdxl' text of a complete PNG, or None if it is missing, cut short or not ours.
+    """The 'sdxl' text of a complete PNG, or None if it is missing, cut short or not ours."""
+    texts = recorded_texts(path)
+    return texts[0] if texts else None
+
+
+def recorded_texts(path: Path) -> tuple[str, str | None] | None:
+    """The 'sdxl' and 'parameters' texts of a complete PNG of ours, else None.
 
     Reads the chunks before the pixel data and the last 12 bytes, never the pixels: writes are
     atomic, so a file at the final name is whole unless damaged afterwards, and decoding every
@@ -63,10 +58,12 @@ def recorded_meta(path: Path) -> str | None:
             if not _ends_with_iend(f):
                 return None
             with Image.open(f, formats=["PNG"]) as im:
-                text = im.info.get(META_KEY)
+                text, params = im.info.get(META_KEY), im.info.get("parameters")
     except (OSError, SyntaxError, ValueError):  # not a file, not a PNG, damaged chunks
         return None
-    return text if isinstance(text, str) else None
+    if not isinstance(text, str):
+        return None
+    return text, params if isinstance(params, str) else None
 
 
 def _ends_with_iend(f: BinaryIO) -> bool:
@@ -80,8 +77,9 @@ def _ends_with_iend(f: BinaryIO) -> bool:
 
 
 def is_done(path: Path, meta: dict) -> bool:
-    """True when `path` is a whole PNG made with exactly the parameters in `meta`."""
-    return recorded_meta(path) == meta_text(meta)
+    """True when `path` is a whole PNG made with exactly the parameters in `meta`, whose
+    A1111 text is today's (an image from before a change of that format is made again)."""
+    return recorded_texts(path) == (meta_text(meta), parameters_text(meta))
 
 
 def sync_sidecars(out_dir: Path, stem: str, meta: dict, caption: bool, save_json: bool) -> None:

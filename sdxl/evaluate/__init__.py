@@ -1,0 +1,1 @@
+"""Evaluation of generated datasets: FID, KID (Inception features) and CLIP score."""

@@ -1,0 +1,16 @@
+"""pack_webdataset: pack the assembled dataset into tars (PNG + .txt + .json per image)."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common import start
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake
+
+start(snakemake)
+
+from sdxl.generate.webdataset import write_webdataset  # noqa: E402
+
+dataset = Path(snakemake.input.metadata).parent
+write_webdataset(dataset, Path(snakemake.output.index).parent, snakemake.params.shard_size)
