@@ -97,9 +97,14 @@ CODE = {
 
 
 def code(stage):
-    """The stage's library modules and the scripts' shared helper, relative to the workdir."""
+    """The stage's library modules and the scripts' shared helpers, relative to the workdir."""
     files = [os.path.join(workflow.basedir, "sdxl", name) for name in CODE[stage]]
-    files.append(os.path.join(workflow.basedir, "workflow_scripts", "common.py"))
+    helpers = ["common.py"] + (
+        ["generation.py"] if stage in ("generate", "assemble") else []
+    )
+    files += [
+        os.path.join(workflow.basedir, "workflow_scripts", name) for name in helpers
+    ]
     return [os.path.relpath(path) for path in files]
 
 

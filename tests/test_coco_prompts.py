@@ -284,12 +284,13 @@ def test_rerun_remakes_exactly_the_changed_prompts(
 
 @pytest.fixture
 def workflow_common():
+    """The generate/assemble jobs' config helper (workflow_scripts/generation.py)."""
     sys.path.insert(0, str(ROOT / "workflow_scripts"))
     try:
-        import common
+        import generation
     finally:
         sys.path.remove(str(ROOT / "workflow_scripts"))
-    return common
+    return generation
 
 
 def generation_settings(config: dict) -> dict:

@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import generation_config, start
+from common import start
+from generation import generation_config
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake

@@ -4,7 +4,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import code_digest, generation_config, start
+from common import code_digest, start
+from generation import generation_config
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
