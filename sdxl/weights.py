@@ -330,20 +330,6 @@ def load_component(
     return assign_state_dict(model, load_weights(weights, device, dtype), str(weights), name)
 
 
-def load_components(
-    model_dir: str | Path,
-    *,
-    dtype: str | torch.dtype | None,
-    device: str | torch.device,
-    variant: str | None = None,
-    names: tuple[str, ...] = COMPONENTS,
-) -> dict[str, nn.Module]:
-    """Load several components of a diffusers folder (all four by default)."""
-    return {
-        n: load_component(model_dir, n, dtype=dtype, device=device, variant=variant) for n in names
-    }
-
-
 # ----------------------------------------------------------------------------- checks, identity
 
 

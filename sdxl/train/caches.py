@@ -92,8 +92,11 @@ def read_scheduler_config(model_dir: Path) -> tuple[dict, Path]:
     return config, path
 
 
-def is_cache_dir(path: Path) -> bool:
-    return (path / "latents" / "index.json").exists() and (path / "text" / "index.json").exists()
+def is_cache_pair(path: Path) -> bool:
+    """A folder holding a finished latent cache in latents/ and text cache in text/."""
+    from sdxl.data.cache import is_cache_dir
+
+    return is_cache_dir(path / "latents", "latents") and is_cache_dir(path / "text", "text")
 
 
 # --------------------------------------------------------------------------- the key
@@ -213,7 +216,7 @@ def _read_inputs(cache: Path) -> dict | None:
 
 def uses_pipeline_cache(cfg: TrainConfig) -> bool:
     """data_dir is a cache the pipeline built (then subsets only say how to visit its items)."""
-    return bool(cfg.data_dir) and is_cache_dir(Path(cfg.data_dir))
+    return bool(cfg.data_dir) and is_cache_pair(Path(cfg.data_dir))
 
 
 def _check_sources(cfg: TrainConfig) -> None:
@@ -245,7 +248,7 @@ def plan_caches(cfg: TrainConfig, model_dir: Path, dist: DistInfo) -> CacheBuild
     cache = Path(cfg.output_dir) / "cache"
     inputs = cache_inputs(cfg, model_dir, dist)
     old = _read_inputs(cache)
-    if old == inputs and is_cache_dir(cache):
+    if old == inputs and is_cache_pair(cache):
         return None
     if old == inputs:
         reason = "resuming an unfinished build"
