@@ -85,7 +85,7 @@ class Trainer:
         self.dtype = to_dtype(cfg.precision)
         self.model_dir = caches.model_dir
         self.data = CachedDataset(caches.latent_dir, caches.text_dir)
-        self.plans = subset_plans(cfg, self.data)
+        self.plans = checked_subset_plans(cfg, self.data)
         self.samples, self.partner = training_samples(self.data, self.plans)
         self.visits = epoch_visits(*self._repeats())
         self.loss_scale = {i: cfg.prior_loss_weight for i in self.samples
@@ -563,7 +563,7 @@ def check_resumable(
         )
 
 
-def subset_plans(cfg: TrainConfig, data: CachedDataset) -> list[SubsetPlan]:
+def checked_subset_plans(cfg: TrainConfig, data: CachedDataset) -> list[SubsetPlan]:
     """The run's subset plans, checked against the subsets the cache's items come from."""
     plans = cfg.subset_plans
     used = {data.subset(i) for i in range(len(data))}
