@@ -248,3 +248,23 @@ def test_per_row_dropout_rates_match_the_scalar_draw():
     rates = torch.tensor([0.0, 0.999] * 32)
     mixed = draw_step_noise(g(), 64, (4, 8, 8), cfg, rates).drop_caption
     assert not mixed[0::2].any() and mixed[1::2].float().mean() > 0.9
+
+
+def test_an_edited_caption_rule_rebuilds_the_cache(subset_run, tiny_dir):
+    """The cache key holds each subset's caption rules: a new prefix is a new cache (and, with
+    it, a new data key, so training starts over), the same settings reuse it."""
+    import dataclasses
+    import json
+
+    from sdxl.train import distributed
+    from sdxl.train.caches import plan_caches
+    from sdxl.train.config import TrainConfig
+
+    saved = json.loads((subset_run / "config.json").read_text())
+    cfg = TrainConfig.from_dict({**saved, "output_dir": str(subset_run)})
+    dist = distributed.setup("cpu")
+    assert plan_caches(cfg, Path(tiny_dir), dist) is None  # unchanged: reused as it is
+    edited = (dataclasses.replace(cfg.subsets[0], caption_prefix="sks"), cfg.subsets[1])
+    build = plan_caches(dataclasses.replace(cfg, subsets=edited), Path(tiny_dir), dist)
+    assert build is not None and "subsets" in build.reason
+    assert {it.caption.split()[0] for it in build.result.items if it.subset == 0} == {"sks"}
