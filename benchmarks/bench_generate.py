@@ -24,7 +24,6 @@ vocabulary size changes only the embedding lookup, not the UNet/VAE/encoder cost
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -37,15 +36,26 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from bench_unet import PeakMemory, pick_device  # noqa: E402
+from harness import (  # noqa: E402
+    PeakMemory,
+    add_device_args,
+    add_ratios,
+    add_timing_args,
+    device_and_dtype,
+    device_line,
+    dtype_label,
+    markdown_table,
+    measure_or_explain,
+    sync,
+    time_first_call,
+)
 
 from sdxl import load_pipeline  # noqa: E402
 from sdxl.generate.run import WRITE_THREADS  # noqa: E402
 from sdxl.generate.writers import BackgroundWriter, write_item  # noqa: E402
 from sdxl.models.configs import SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
-from sdxl.pipeline import FastPath  # noqa: E402
+from sdxl.pipeline import FastPath, SampleSettings  # noqa: E402
 from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl, write_random_sdxl  # noqa: E402
-from sdxl.utils import to_dtype  # noqa: E402
 
 RANDOM_SDXL = "sdxl-random"
 DIFFUSERS_SCHEDULERS = {
@@ -66,10 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--sampler", choices=list(DIFFUSERS_SCHEDULERS), default="euler")
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (GPU), fp32 (CPU)"
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_args(p)
     p.add_argument(
         "--compile",
         nargs="?",
@@ -83,9 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--write-check", action="store_true", help="also time ours with background PNG writes"
     )
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--compare", choices=["none", "diffusers"], default="none")
+    add_timing_args(p, warmup=1, iters=3)
     p.add_argument("--prompt", default="a photo of a red circle on a white background")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -99,7 +104,7 @@ def resolve_model(args: argparse.Namespace, device: torch.device, dtype: torch.d
     if args.model == BUILTIN_TINY:
         return ensure_tiny_sdxl()
     if args.model == RANDOM_SDXL:
-        name = f"sdxl-random-{str(dtype).removeprefix('torch.')}-seed{args.seed}"
+        name = f"sdxl-random-{dtype_label(dtype)}-seed{args.seed}"
         folder = Path(args.model_dir or Path(tempfile.gettempdir()) / name)
         if not (folder / "model_index.json").exists():
             print(f"writing full-size random SDXL ({dtype}) to {folder} ...", flush=True)
@@ -143,15 +148,10 @@ def load_ours(folder: Path, device: torch.device, dtype: torch.dtype, args) -> I
     pipe = load_pipeline(folder, device=device, dtype=dtype)
 
     def run(prompts: list[str], size: int) -> list:
-        return pipe.generate(
-            prompts,
-            width=size,
-            height=size,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            sampler=args.sampler,
-            seed=args.seed,
-        )
+        settings = SampleSettings(width=size, height=size, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, sampler=args.sampler,
+                                  seed=args.seed)  # fmt: skip
+        return pipe.generate(prompts, settings)
 
     return Impl("sdxl", pipe, run)
 
@@ -193,18 +193,9 @@ def load_diffusers(folder: Path, device: torch.device, dtype: torch.dtype, args)
 # ----------------------------------------------------------------------------- timing
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(call: Callable[[], list], warmup: int, iters: int, device: torch.device) -> dict:
     """Seconds of the first call (includes compilation) and mean seconds of the timed calls."""
-    sync(device)
-    t0 = time.perf_counter()
-    images = call()
-    sync(device)
-    first = time.perf_counter() - t0
+    first, images = time_first_call(call, device)
     for _ in range(warmup - 1):
         call()
     sync(device)
@@ -231,23 +222,15 @@ def time_with_writes(impl: Impl, prompts: list[str], size: int, iters: int, devi
 
 def bench_one(impl: Impl, prompts: list[str], size: int, compiled: bool, device, args) -> dict:
     """Time one pipeline on one (compile, batch); OOM and compile failures become the row's text."""
-    try:
+
+    def measure() -> dict:
         with PeakMemory(device, impl.networks) as mem:
             out = time_calls(lambda: impl.run(prompts, size), args.warmup, args.iters, device)
         if args.write_check and impl.name == "sdxl":
             out["write_s"] = time_with_writes(impl, prompts, size, args.iters, device)
         return {**out, "mem": mem.text}
-    except torch.OutOfMemoryError:
-        return {"s": None, "mem": "OOM"}
-    except Exception as e:  # inductor needs a working C/C++ toolchain; say why and go on
-        if not compiled:
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        print(f"{impl.name}: torch.compile failed: {type(e).__name__}: {first}")
-        return {"s": None, "mem": "compile failed"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    return measure_or_explain(measure, {"s": None}, impl.name, compiled, device)
 
 
 def max_pixel_diff(a: list, b: list) -> int:
@@ -259,8 +242,9 @@ def max_pixel_diff(a: list, b: list) -> int:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device = pick_device(args.device)
-    dtype = to_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    """Rows (keys: impl, compile, batch, res, steps, s (latency), first_s, write_s (with
+    --write-check), mem, ratio, images)."""
+    device, dtype = device_and_dtype(args)
     folder = resolve_model(args, device, dtype)
     impls = [load_ours(folder, device, dtype, args)]
     if args.compare == "diffusers":
@@ -280,7 +264,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
                 rows.append({**row, "impl": impl.name, **outs[impl.name]})
             print(progress_line(row, outs))
-    return add_ratios(rows)
+    return add_ratios(rows, "s", ("batch",), is_diffusers_eager)
+
+
+def is_diffusers_eager(row: dict) -> bool:
+    """The ratios' reference: s/image over diffusers' eager s/image at the same batch."""
+    return row["impl"] == "diffusers" and not row["compile"]
 
 
 def progress_line(row: dict, outs: dict) -> str:
@@ -292,28 +281,15 @@ def progress_line(row: dict, outs: dict) -> str:
     return f"compile {row['compile']}, batch {row['batch']}: " + ", ".join(parts)
 
 
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """ratio = s/image over diffusers' eager s/image at the same batch (below 1 = faster)."""
-    ref = {r["batch"]: r["s"] for r in rows if r["impl"] == "diffusers" and not r["compile"]}
-    for r in rows:
-        base = ref.get(r["batch"])
-        r["ratio"] = f"{r['s'] / base:.2f}" if base and r["s"] else "-"
-    return rows
-
-
 def _count(*modules: nn.Module) -> str:
     return f"{sum(p.numel() for m in modules for p in m.parameters()):,}"
 
 
 def header(args, device, dtype, folder: Path, size: int, ours: Impl) -> str:
-    name = platform.processor()
-    if device.type == "cuda":
-        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     unet, vae, *encoders = ours.networks
     params = f"unet {_count(unet)}, vae {_count(vae)}, text encoders {_count(*encoders)}"
     return (
-        f"device: {device.type} ({name or platform.machine()}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}\n"
+        f"{device_line(device)}\n"
         f"model: {args.model} ({folder})\nparams: {params}; {dtype}, {size}px, {args.steps} "
         f"steps, {args.sampler}, guidance {args.guidance}, warmup {args.warmup}, iters {args.iters}"
     )
@@ -321,28 +297,18 @@ def header(args, device, dtype, folder: Path, size: int, ours: Impl) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table; ratio is s/image over diffusers' eager s/image at the same batch."""
-    lines = [
-        "| impl | compile | batch | res | steps | latency s | s/image | images/s | compile s "
-        "| PNG wait | peak mem | ratio vs diffusers eager |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ("impl", "compile", "batch", "res", "steps", "latency s", "s/image", "images/s",
+               "compile s", "PNG wait", "peak mem", "ratio vs diffusers eager")  # fmt: skip
+    cells = []
     for r in rows:
         s = r["s"]
         per = s / r["batch"] if s else None
         lat, sec, ips = (f"{s:.3f}", f"{per:.3f}", f"{1 / per:.2f}") if per else ("-",) * 3
         comp = f"{max(r['first_s'] - s, 0):.1f}" if s and r["compile"] else "-"
         wait = f"{100 * (r['write_s'] - s) / s:+.0f}%" if s and "write_s" in r else "-"
-        lines.append(
-            f"| {r['impl']} | {'on' if r['compile'] else 'off'} | {r['batch']} | {r['res']} | "
-            f"{r['steps']} | {lat} | {sec} | {ips} | {comp} | {wait} | {r['mem']} | {r['ratio']} |"
-        )
-    return "\n".join(lines)
-
-
-def run_cli(argv: list[str]) -> list[dict]:
-    """Rows for a command line, for benchmarks/gpu_suite.py (keys: impl, compile, batch, res,
-    steps, s (latency), first_s, write_s (with --write-check), mem, ratio, images)."""
-    return run(parse_args(argv))
+        cells.append((r["impl"], "on" if r["compile"] else "off", r["batch"], r["res"],
+                      r["steps"], lat, sec, ips, comp, wait, r["mem"], r["ratio"]))  # fmt: skip
+    return markdown_table(columns, "llrrrrrrrrrr", cells)
 
 
 def main(argv: list[str] | None = None) -> None:

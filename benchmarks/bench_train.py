@@ -19,9 +19,7 @@ Prints the LoRA parameter counts (equal) and a markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,18 +28,37 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from bench_unet import TOKENS, PeakMemory, build_models, load_config, pick_device, time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    TOKENS,
+    PeakMemory,
+    add_config_arg,
+    add_device_args,
+    add_ratios,
+    add_timing_args,
+    build_models,
+    device_and_dtype,
+    device_line,
+    diffusers_forward,
+    dtype_label,
+    load_config,
+    markdown_table,
+    measure_or_explain,
+    pooled_dim,
+    set_checkpointing,
+    square_time_ids,
+    time_first_call,
+    time_ms,
+)
 
 from sdxl.lora import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
 from sdxl.models.configs import SCHEDULER  # noqa: E402
-from sdxl.schedulers import NoiseSchedule  # noqa: E402
+from sdxl.noise_schedule import NoiseSchedule  # noqa: E402
 from sdxl.train.config import TrainConfig, for_model  # noqa: E402
 from sdxl.train.data_order import step_generator  # noqa: E402
 from sdxl.train.distributed import DistInfo  # noqa: E402
 from sdxl.train.loss import draw_step_noise, per_sample_loss  # noqa: E402
 from sdxl.train.optim import make_optimizer  # noqa: E402
 from sdxl.train.step import TrainStep, train_step  # noqa: E402
-from sdxl.utils import to_dtype  # noqa: E402
 
 PEFT_TARGETS = {
     "attention": ["to_q", "to_k", "to_v"],
@@ -52,17 +69,14 @@ CKPT = {"on": [True], "off": [False], "both": [False, True]}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="sdxl", help="sdxl | tiny | path to a unet config.json")
+    add_config_arg(p)
     p.add_argument("--resolution", type=int, nargs="+", help="pixels; default sample_size*8")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, help="LoRA alpha; default = rank (diffusers' script)")
     p.add_argument("--target", choices=list(PEFT_TARGETS), default="attention")
     p.add_argument("--grad-checkpointing", choices=list(CKPT), default="on")
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (GPU), fp32 (CPU)"
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_args(p)
     p.add_argument(
         "--compile",
         nargs="?",
@@ -73,9 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cuda-graphs", choices=["off", "on"], default="off",
                    help="replay the step as one CUDA graph (train.cuda_graphs)")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--compare", choices=["none", "diffusers"], default="none")
+    add_timing_args(p, warmup=2, iters=10)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -88,8 +100,7 @@ class DiffusersCall(nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, context, text_embeds, time_ids) -> torch.Tensor:
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, context, added_cond_kwargs=added).sample
+        return diffusers_forward(self.unet, sample, timestep, context, text_embeds, time_ids)
 
 
 def add_lora(models: dict, args: argparse.Namespace) -> dict[str, list[nn.Parameter]]:
@@ -130,13 +141,12 @@ def make_rows(cfg: dict, batch: int, res: int, seed: int) -> dict[str, torch.Ten
     """Random stand-ins for one rank's host rows, as `sdxl.train.batches.read_rows` returns them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     latent = (batch, cfg["in_channels"], res // 8, res // 8)
-    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(batch, 1)
+    ids = square_time_ids(batch, res)
     rows = {
         "mean": torch.randn(latent, generator=g),
         "std": torch.rand(latent, generator=g) * 0.1,
         "prompt_embeds": torch.randn(batch, TOKENS, cfg["cross_attention_dim"], generator=g),
-        "pooled": torch.randn(batch, pooled, generator=g),
+        "pooled": torch.randn(batch, pooled_dim(cfg), generator=g),
         "time_ids": ids,
         "weight": torch.full((batch,), 1.0 / batch),
     }
@@ -158,22 +168,9 @@ def make_step(model: nn.Module, params: list, rows: dict, ctx: dict) -> tuple[Tr
 def time_train_step(step: TrainStep, micro: dict, warmup: int, iters: int,
                     device: torch.device) -> dict:  # fmt: skip
     """first_step_s (compile and capture included), then mean ms per `train_step` after warmup."""
-    t0 = time.perf_counter()
-    train_step(step, [micro])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    first = time.perf_counter() - t0
+    first, _ = time_first_call(lambda: train_step(step, [micro]), device)
     ms = time_ms(lambda: train_step(step, [micro]), max(warmup - 1, 0), iters, device)
     return {"first_step_s": first, "ms": ms}
-
-
-def set_checkpointing(impl: str, model: nn.Module, enabled: bool) -> None:
-    if impl == "sdxl":
-        model.set_gradient_checkpointing(enabled)
-    elif enabled:
-        model.enable_gradient_checkpointing()
-    else:
-        model.disable_gradient_checkpointing()
 
 
 def callables(models: dict) -> dict[str, nn.Module]:
@@ -196,28 +193,20 @@ def check_parity(steps: dict) -> str:
 def bench_one(impl: str, step: TrainStep, micro: dict, model: nn.Module, args) -> dict:
     """Time one impl on one (res, batch, ckpt); failures (OOM, compile) become the row's text."""
     device = step.device
-    try:
+
+    def measure() -> dict:
         with PeakMemory(device, model) as mem:
             out = time_train_step(step, micro, args.warmup, args.iters, device)
         reserved = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
         return {**out, "mem": mem.text, "reserved": f"{reserved:,.0f} MiB" if reserved else "-"}
-    except torch.OutOfMemoryError:
-        return {"ms": None, "first_step_s": None, "mem": "OOM", "reserved": "-"}
-    except Exception as e:  # inductor needs a working C/C++ toolchain; say why and go on
-        if args.compile == "off":
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        print(f"{impl}: torch.compile failed: {type(e).__name__}: {first}")
-        return {"ms": None, "first_step_s": None, "mem": "compile failed", "reserved": "-"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    failed = {"ms": None, "first_step_s": None, "reserved": "-"}
+    return measure_or_explain(measure, failed, impl, args.compile != "off", device)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(args.config)
-    device = pick_device(args.device)
-    dtype = to_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    device, dtype = device_and_dtype(args)
     torch.manual_seed(args.seed)
     models = build_models(cfg, device, dtype, args.compare == "diffusers")
     params = add_lora(models, args)
@@ -225,7 +214,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(header(args, device, dtype, models["sdxl"], counts))
     if len(set(counts.values())) != 1:
         raise SystemExit(f"LoRA parameter counts differ: {counts}")
-    precision = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+    precision = dtype_label(dtype).replace("bfloat16", "bf16")
     precision = {"float32": "fp32", "float16": "fp16"}.get(precision, precision)
     train_cfg = TrainConfig(data_dir="-", lora_rank=args.rank, precision=precision,
                             compile=args.compile == "on", cuda_graphs=args.cuda_graphs == "on")  # fmt: skip
@@ -248,27 +237,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                     set_checkpointing(impl, model, ckpt)
                     step, micro = make_step(calls[impl], params[impl], host, ctx)
                     rows.append({**row, "impl": impl, **bench_one(impl, step, micro, model, args)})
-    return add_ratios(rows)
-
-
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """ratio = our ms/step / diffusers' ms/step on the same (res, batch, ckpt)."""
-    ref = {(r["res"], r["batch"], r["ckpt"]): r["ms"] for r in rows if r["impl"] == "diffusers"}
-    for r in rows:
-        base = ref.get((r["res"], r["batch"], r["ckpt"]))
-        r["ratio"] = f"{r['ms'] / base:.2f}" if base and r["ms"] else "-"
-    return rows
+    return add_ratios(rows, "ms", ("res", "batch", "ckpt"))  # our ms/step over diffusers'
 
 
 def header(args, device: torch.device, dtype: torch.dtype, model: nn.Module, counts: dict) -> str:
-    name = platform.processor()
-    if device.type == "cuda":
-        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     lora = ", ".join(f"{impl} {n:,}" for impl, n in counts.items())
     return (
-        f"device: {device.type} ({name or platform.machine()}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}\n"
+        f"{device_line(device)}\n"
         f"config: {args.config} ({base:,} base params, {dtype}), LoRA rank {args.rank} "
         f"target {args.target} (fp32 params: {lora}), compile {args.compile}, "
         f"cuda graphs {args.cuda_graphs}, "
@@ -278,21 +254,17 @@ def header(args, device: torch.device, dtype: torch.dtype, model: nn.Module, cou
 
 def table(rows: list[dict]) -> str:
     """Markdown table; ratio is our ms/step divided by diffusers' (below 1 = we are faster)."""
-    lines = [
-        "| impl | res | batch | ckpt | dtype | ms/step | images/s | peak alloc | peak reserved "
-        "| first step s | ratio vs diffusers |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ("impl", "res", "batch", "ckpt", "dtype", "ms/step", "images/s", "peak alloc",
+               "peak reserved", "first step s", "ratio vs diffusers")  # fmt: skip
+    cells = []
     for r in rows:
-        dtype = str(r["dtype"]).removeprefix("torch.")
         ms = f"{r['ms']:.1f}" if r["ms"] else "-"
         ips = f"{r['batch'] * 1000 / r['ms']:.2f}" if r["ms"] else "-"
         first = f"{r['first_step_s']:.2f}" if r["first_step_s"] else "-"
-        lines.append(
-            f"| {r['impl']} | {r['res']} | {r['batch']} | {'on' if r['ckpt'] else 'off'} | "
-            f"{dtype} | {ms} | {ips} | {r['mem']} | {r['reserved']} | {first} | {r['ratio']} |"
-        )
-    return "\n".join(lines)
+        cells.append((r["impl"], r["res"], r["batch"], "on" if r["ckpt"] else "off",
+                      dtype_label(r["dtype"]), ms, ips, r["mem"], r["reserved"], first,
+                      r["ratio"]))  # fmt: skip
+    return markdown_table(columns, "lrrllrrrrrr", cells)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ rule cache_latents:
     input:
         manifest=rules.validate_captions.output.manifest,
         model=rules.weights.output.model,
-        code=code("latents"),
+        code=code("cache_latents"),
     output:
         tensors=f"{CACHE_DIR}/latents/shard-{{shard}}.safetensors",
         meta=f"{CACHE_DIR}/latents/shard-{{shard}}.json",
@@ -33,7 +33,7 @@ rule merge_latents:
             f"{CACHE_DIR}/latents/shard-{{shard}}.safetensors", shard=LATENT_SHARDS
         ),
         meta=expand(f"{CACHE_DIR}/latents/shard-{{shard}}.json", shard=LATENT_SHARDS),
-        code=code("merge"),
+        code=code("merge_latents"),
     output:
         index=f"{CACHE_DIR}/latents/index.json",
     log:
@@ -52,7 +52,7 @@ rule cache_text:
     input:
         manifest=rules.validate_captions.output.manifest,
         model=rules.weights.output.model,
-        code=code("text"),
+        code=code("cache_text"),
     output:
         index=f"{CACHE_DIR}/text/index.json",
     log:

@@ -2,7 +2,7 @@ rule validate_captions:
     input:
         data=dataset_files,
         model=rules.weights.output.model,
-        code=code("validate"),
+        code=code("validate_captions"),
     output:
         manifest="results/data/manifest.csv",
         problems="results/data/problems.tsv",
@@ -14,8 +14,8 @@ rule validate_captions:
     conda:
         "../envs/torch.yaml"
     params:
-        data=data_settings(),
-        folders=", ".join(folder for _, folder, _ in data_folders()),
+        data=inputs.data_settings(config),
+        folders=", ".join(folder for _, folder, _ in inputs.data_folders(config)),
     message:
         "Validating the images and captions of {params.folders}"
     script:

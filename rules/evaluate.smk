@@ -7,7 +7,7 @@
 rule evaluate_features:
     input:
         done=f"{GENERATE_DIR}/shard-{{shard}}.json",
-        code=code("evaluate"),
+        code=code("evaluate_features"),
     output:
         features=f"{EVAL_DIR}/generated/shard-{{shard}}.safetensors",
     log:
@@ -30,7 +30,7 @@ rule evaluate_features:
 rule evaluate_reference:
     input:
         images=reference_inputs,
-        code=code("evaluate"),
+        code=code("evaluate_reference"),
     output:
         features=f"{EVAL_DIR}/reference/shard-{{shard}}.safetensors",
     log:

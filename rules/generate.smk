@@ -19,7 +19,7 @@ rule generate:
     resources:
         gpu=1,
     params:
-        generate=generation_settings(),
+        generate=inputs.generation_settings(config),
         indices=shard_range,
         index_width=index_width(config["generate"]["num_images"]),
     message:
@@ -46,7 +46,7 @@ rule assemble:
     conda:
         "../envs/torch.yaml"
     params:
-        generate=generation_settings(),
+        generate=inputs.generation_settings(config),
         num_images=config["generate"]["num_images"],
         index_width=index_width(config["generate"]["num_images"]),
     message:
@@ -60,7 +60,7 @@ rule assemble:
 rule pack_webdataset:
     input:
         metadata=rules.assemble.output.metadata,
-        code=code("webdataset"),
+        code=code("pack_webdataset"),
     output:
         index=f"{DATASET_DIR}/webdataset/shards.json",
     log:

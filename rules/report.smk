@@ -5,6 +5,8 @@
 
 
 rule record_config:
+    input:
+        code=code("record_config"),
     output:
         config="results/config.json",
     log:

@@ -4,7 +4,8 @@ rule train_lora:
         text=rules.cache_text.output.index,
         model=rules.weights.output.model,
         manifest=rules.weights.output.manifest,
-        code=code("train"),
+        # This job draws no grids (validate_lora does): it never loads the validation code.
+        code=code("train_lora", without=["sdxl.train.validation"]),
     # Checkpoints, snapshots and metrics.csv are not declared: Snakemake deletes the declared
     # outputs of a job before it reruns, and these are what a rerun continues from.
     output:
@@ -21,7 +22,7 @@ rule train_lora:
     resources:
         gpu=config["train"]["gpus"],
     params:
-        train=train_settings(),
+        train=inputs.train_settings(config),
         run=config["run"],
     message:
         "Training the LoRA of run {params.run} (continues from its newest usable checkpoint)"
@@ -35,7 +36,7 @@ rule validate_lora:
         model=rules.weights.output.model,
         manifest=rules.weights.output.manifest,
         samples=sample_prompts_file,
-        code=code("validation"),
+        code=code("validate_lora"),
     # The grids beside index.json are not declared: a rerun keeps those of unchanged snapshots.
     output:
         index=f"{VALIDATION_DIR}/index.json",
@@ -49,7 +50,7 @@ rule validate_lora:
     resources:
         gpu=1,
     params:
-        validation=validation_settings(),
+        validation=inputs.validation_settings(config),
         run=config["run"],
     message:
         "Drawing the validation grids of run {params.run} from its LoRA snapshots"

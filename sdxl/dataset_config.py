@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-# kohya keys we read: per subset, and per dataset (resolution and batch size are the run's).
-SUBSET_KEYS = ("image_dir", "num_repeats", "caption_extension", "caption_prefix",
-               "caption_suffix", "class_tokens", "keep_tokens", "shuffle_caption",
-               "caption_dropout_rate", "flip_aug", "is_reg")  # fmt: skip
+from sdxl import config_fields
+
+# kohya keys we read per dataset (resolution and batch size are the run's); per subset: Subset's.
 DATASET_KEYS = ("resolution", "batch_size")
 # The subset keys that decide the cached captions; the others only how training visits items.
 CAPTION_KEYS = ("image_dir", "caption_extension", "caption_prefix", "caption_suffix",
@@ -90,13 +89,14 @@ class Subset:
     @classmethod
     def from_dict(cls, values: dict, where: str) -> Subset:
         """A subset from kohya keys; `where` names the place for errors."""
-        _check_keys(values, SUBSET_KEYS, where)
-        if "image_dir" not in values:
-            raise DatasetConfigError(f"{where}: image_dir is required (the subset's folder)")
+        _check_keys(values, SUBSET_KEYS, where)  # kohya's options we lack are named as such
         try:
-            return cls(**values)
+            return config_fields.from_dict(cls, values, "key")
         except (TypeError, ValueError) as err:
             raise DatasetConfigError(f"{where}: {err}") from None
+
+
+SUBSET_KEYS = tuple(f.name for f in fields(Subset))
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _check_keys(values: object, known: tuple[str, ...], where: str, *, sections:
         if sections:
             raise DatasetConfigError(f"{where}: unknown section {key!r}; use [general] and "
                                      "[[datasets]] with [[datasets.subsets]]")  # fmt: skip
-        raise DatasetConfigError(f"{where}: unknown key {key!r}; supported: {', '.join(known)}")
+        raise DatasetConfigError(f"{where}: {config_fields.unknown_keys([key], known, 'key')}")
 
 
 def _typed(obj: Subset, key: str, kind: type, *, minimum: int | None = None,

@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sdxl.config_fields import from_dict
 
 TARGETS = ("attention", "attention_out", "all")
 
@@ -85,14 +87,10 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> LoRAConfig:
         """Build from a plain dict (e.g. a run config); raise ValueError naming unknown keys."""
-        known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LoRA config: unknown key(s) {unknown}; valid: {sorted(known)}")
         if isinstance(d.get("target"), list):
             d["target"] = tuple(d["target"])
-        return cls(**d)
+        return from_dict(cls, d, "key(s) of the LoRA config:")
 
     def rank_alpha(self, module: nn.Module) -> tuple[int, float]:
         """(rank, alpha) for one target module: conv_* for spatial convs, else rank/alpha."""

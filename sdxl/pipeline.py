@@ -19,8 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdxl import schedulers
-from sdxl.text import encode_prompts, load_tokenizers
+from sdxl.conditioning import (
+    TextConditioning,
+    encode_text,
+    guided_eps,
+    guided_model,
+    unet_conditioning,
+)
+from sdxl.sampling import loop, samplers
+from sdxl.text import load_tokenizers
 from sdxl.utils import to_dtype
 
 log = logging.getLogger(__name__)
@@ -39,13 +46,38 @@ def check_image_size(width: int, height: int, factor: int = 8, trained: int | No
             )
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to draw images from prompts: everything but the prompts and the images' indices."""
+
+    negative_prompt: str = ""
+    width: int | None = None  # None: the size the model was trained at
+    height: int | None = None
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0  # classifier-free guidance; 1 or less: off (no negative pass)
+    sampler: str = "euler"  # a name in sdxl.sampling.samplers.SAMPLERS
+    seed: int = 0  # image i's noise is seeded with seed + its index
+    guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al. 2023, section 3.4); 0: off
+
+    def __post_init__(self) -> None:
+        samplers.check_sampler(self.sampler)
+
+
+def image_indices(batch: int, indices: list[int] | None) -> list[int]:
+    """The images' global indices, one per prompt (default 0..B-1)."""
+    indices = list(range(batch)) if indices is None else list(indices)
+    if len(indices) != batch:
+        raise ValueError(f"got {len(indices)} indices for {batch} prompts")
+    return indices
+
+
 @dataclass
 class SDXLPipeline:
     """The loaded networks plus what the model folder says about sampling."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
-    text_encoders: tuple[torch.nn.Module, torch.nn.Module]
+    text_encoders: tuple[torch.nn.Module, ...]  # (CLIP-L, bigG); () when prompts come encoded
     tokenizers: tuple
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool = True
@@ -90,18 +122,9 @@ class SDXLPipeline:
     def default_size(self) -> int:
         return self.sample_size * self.vae_scale_factor
 
-    def encode(
-        self, prompts: list[str], indices: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt embeds (B,77,D), pooled (B,P)); `indices` name the images in warnings."""
-        return encode_prompts(self.tokenizers, self.text_encoders, prompts, indices=indices)
-
-    def encode_negative(self, negative: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Negative conditioning; an empty negative prompt is all zeros, as SDXL base expects."""
-        embeds, pooled = self.encode([negative])
-        if not negative and self.force_zeros_for_empty_prompt:
-            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-        return embeds.expand(batch, -1, -1), pooled.expand(batch, -1)
+    def image_size(self, settings: SampleSettings) -> tuple[int, int]:
+        """(width, height) of the settings' images; either left out is the trained size."""
+        return settings.width or self.default_size, settings.height or self.default_size
 
     def check_size(self, width: int, height: int) -> None:
         check_image_size(width, height, self.vae_scale_factor, self.default_size)
@@ -110,107 +133,94 @@ class SDXLPipeline:
     def generate(
         self,
         prompts: list[str] | str,
-        negative_prompt: str = "",
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
-        sampler: str = "euler",
-        seed: int = 0,
-        guidance_rescale: float = 0.0,
+        settings: SampleSettings = SampleSettings(),
+        *,
         indices: list[int] | None = None,
-        progress: bool = False,
+        callback: loop.Callback | None = None,
         batch_invariant: bool = False,
     ) -> list[Image.Image]:
         """Generate one image per prompt; image i uses noise seeded with seed + indices[i].
 
-        `indices` are the images' global indices in a larger dataset (default 0..B-1). With
-        `batch_invariant`, each image runs through the networks on its own (CFG pair still one
-        UNet call), so it is bit-identical whatever the batch size: matmul kernels pick
-        different blockings for different batch shapes, which moves the last bits otherwise.
+        `indices` are the images' global indices in a larger dataset (default 0..B-1);
+        `callback(i, x, x0)` runs after each sampler step. With `batch_invariant`, each image
+        runs through the networks on its own (CFG pair still one UNet call), so it is
+        bit-identical whatever the batch size: matmul kernels pick different blockings for
+        different batch shapes, which moves the last bits otherwise.
         """
         if batch_invariant:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            indices = list(range(len(prompts))) if indices is None else list(indices)
+            indices = image_indices(len(prompts), indices)
             return [
-                self.generate([p], negative_prompt, width, height, num_inference_steps,
-                              guidance_scale, sampler, seed, guidance_rescale, [i], progress)[0]
+                self.generate([p], settings, indices=[i], callback=callback)[0]
                 for p, i in zip(prompts, indices, strict=True)
-            ]  # fmt: skip
-        latents = self.generate_latents(
-            prompts, negative_prompt, width, height, num_inference_steps, guidance_scale,
-            sampler, seed, guidance_rescale, indices, progress,
-        )  # fmt: skip
+            ]
+        latents = self.generate_latents(prompts, settings, indices=indices, callback=callback)
         return to_pil(self.decode(latents))
 
     @torch.inference_mode()
     def generate_latents(
         self,
         prompts: list[str] | str,
-        negative_prompt: str = "",
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
-        sampler: str = "euler",
-        seed: int = 0,
-        guidance_rescale: float = 0.0,
+        settings: SampleSettings = SampleSettings(),
+        *,
         indices: list[int] | None = None,
-        progress: bool = False,
+        callback: loop.Callback | None = None,
     ) -> torch.Tensor:
         """Denoised latents (B,4,H/8,W/8) in VAE space (not yet divided by the scaling factor)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        width, height = width or self.default_size, height or self.default_size
-        self.check_size(width, height)
-        schedulers.check_sampler(sampler)
-        batch, device = len(prompts), self.device
-        indices = list(range(batch)) if indices is None else list(indices)
-        if len(indices) != batch:
-            raise ValueError(f"got {len(indices)} indices for {batch} prompts")
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
+        self.check_size(*self.image_size(settings))  # before the text encoders run
+        indices = image_indices(len(prompts), indices)
+        guided = settings.guidance_scale > 1.0
+        text = encode_text(self.tokenizers, self.text_encoders, prompts,
+                           [settings.negative_prompt] if guided else None,
+                           zero_empty=self.force_zeros_for_empty_prompt, indices=indices)  # fmt: skip
+        return self.sample_latents(text, settings, indices=indices, callback=callback)
+
+    @torch.no_grad()  # not inference_mode: the Validator samples with the UNet being trained
+    def sample_latents(
+        self,
+        text: TextConditioning,
+        settings: SampleSettings,
+        *,
+        indices: list[int] | None = None,
+        callback: loop.Callback | None = None,
+    ) -> torch.Tensor:
+        """generate_latents for prompts encoded already: seeded noise, CFG, the sampler's loop.
+
+        The size is not checked here: the Validator draws any multiple of 8, as it always has.
+        """
+        width, height = self.image_size(settings)
+        indices = image_indices(text.embeds.shape[0], indices)
+        generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in indices]
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)  # fmt: skip
         noise = torch.cat(
             [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
-        )
-        cond = self._conditioning(prompts, indices, negative_prompt, width, height, guidance_scale)
-        noise = noise.to(device)
-        plan = schedulers.plan(sampler, noise, num_inference_steps, self.scheduler_config,
-                               generators)  # fmt: skip
-        make_model = partial(self._model, guidance_scale=guidance_scale,
-                             guidance_rescale=guidance_rescale)  # fmt: skip
+        ).to(self.device)
+        cond = unet_conditioning(text, width, height, settings.guidance_scale > 1.0, self.dtype,
+                                 self.device)  # fmt: skip
+        plan = samplers.plan(settings.sampler, noise, settings.num_inference_steps,
+                             self.scheduler_config, generators)  # fmt: skip
+        return self._run(plan, noise, cond, settings, callback)
+
+    def _run(self, plan: samplers.Plan, noise: torch.Tensor, cond: dict, settings: SampleSettings,
+             callback: loop.Callback | None) -> torch.Tensor:  # fmt: skip
+        """The plan's loop: eager, or replayed on the static buffers of its (settings, shape)."""
+        make_model = partial(self._model, guidance_scale=settings.guidance_scale,
+                             guidance_rescale=settings.guidance_rescale)  # fmt: skip
         if not self.fast.cuda_graphs:
-            state = schedulers.start(plan, make_model(cond), noise)
-            return schedulers.run_steps(state, plan.num_steps, progress=progress)
-        key = (sampler, num_inference_steps, guidance_scale, guidance_rescale, tuple(noise.shape))
+            return loop.run_steps(loop.start(plan, make_model(cond), noise), plan.num_steps,
+                                  callback)  # fmt: skip
+        key = (settings.sampler, settings.num_inference_steps, settings.guidance_scale,
+               settings.guidance_rescale, tuple(noise.shape))  # fmt: skip
         if key not in self._loops:
             capture = self.device.type == "cuda"  # False only when tests run the loop on CPU
-            self._loops[key] = StaticLoop(plan, noise, cond, make_model, capture)
-        return self._loops[key].run(plan, noise, cond, progress)
+            self._loops[key] = loop.StaticLoop(plan, noise, cond, make_model, capture)
+        return self._loops[key].run(plan, noise, cond, callback)
 
-    def _model(self, cond: dict, guidance_scale: float, guidance_rescale: float):
+    def _model(self, cond: dict, guidance_scale: float, guidance_rescale: float) -> samplers.Model:
         """The sampler's guided model over `cond`, through the (maybe compiled) guided UNet."""
         return guided_model(self.unet, cond, guidance_scale, guidance_rescale, self._guided)
-
-    def _conditioning(
-        self, prompts: list[str], indices: list[int], negative: str, width: int, height: int,
-        guidance: float,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """UNet conditioning for the batch, negatives first when guidance is on (as diffusers)."""
-        embeds, pooled = self.encode(prompts, indices)
-        batch = len(prompts)
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype)
-        time_ids = time_ids.to(self.device).expand(batch, -1)
-        if guidance > 1.0:
-            neg_embeds, neg_pooled = self.encode_negative(negative, batch)
-            embeds = torch.cat([neg_embeds, embeds])
-            pooled = torch.cat([neg_pooled, pooled])
-            time_ids = torch.cat([time_ids, time_ids])
-        return {
-            "encoder_hidden_states": embeds.to(self.dtype),
-            "text_embeds": pooled.to(self.dtype),
-            "time_ids": time_ids,
-        }
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents to images in [0, 1]."""
@@ -246,65 +256,6 @@ def compiled(fn: Callable, fast: FastPath) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=fast.backend)
 
 
-class StaticLoop:
-    """A sampling loop over fixed buffers: one run of a (sampler, steps, guidance, shape) key.
-
-    Each run copies its conditioning, schedule tables and noise into the buffers the step was
-    recorded on, then replays the step once per index. With `capture` (CUDA) the step is one
-    CUDA graph, so each step costs one launch; without it the same buffers run eagerly.
-    """
-
-    def __init__(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict,
-                 make_model: Callable[[dict], schedulers.Model], capture: bool) -> None:  # fmt: skip
-        self.cond = {k: v.clone() for k, v in cond.items()}
-        tables = {k: v.clone() for k, v in plan.tables.items()}
-        x = torch.empty_like(noise, dtype=torch.float32)
-        denoise = plan.denoiser(make_model(self.cond))
-        self.state = schedulers.SamplerState(denoise, plan.update, tables, x, torch.zeros_like(x))
-        self.i = torch.zeros(1, dtype=torch.long, device=noise.device)
-        self.graph = self._capture(plan, noise, cond) if capture else None
-
-    def load(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict) -> None:
-        """Copy one run's inputs into the static buffers (no reallocation, no host sync)."""
-        for k, v in cond.items():
-            self.cond[k].copy_(v)
-        for k, v in plan.tables.items():
-            self.state.tables[k].copy_(v)
-        self.state.x.copy_(noise.float() * plan.init_scale)
-        self.state.x0.zero_()
-
-    def _step(self, k: int) -> None:
-        self.i.fill_(k)
-        if self.graph is None:
-            schedulers.denoise_step(self.state, self.i)
-        else:
-            self.graph.replay()
-
-    def _capture(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict,
-                 warmup: int = 2) -> torch.cuda.CUDAGraph:  # fmt: skip
-        """Warm up on a side stream (compiles, cuDNN plans), then record one step."""
-        self.load(plan, noise, cond)
-        side = torch.cuda.Stream(self.i.device)
-        side.wait_stream(torch.cuda.current_stream(self.i.device))
-        with torch.cuda.stream(side):
-            for k in range(warmup):
-                self.i.fill_(min(k, plan.num_steps - 1))
-                schedulers.denoise_step(self.state, self.i)
-        torch.cuda.current_stream(self.i.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            schedulers.denoise_step(self.state, self.i)
-        return graph
-
-    def run(self, plan: schedulers.Plan, noise: torch.Tensor, cond: dict,
-            progress: bool = False) -> torch.Tensor:  # fmt: skip
-        """The final latent of one run (a copy: the buffers belong to the next run)."""
-        self.load(plan, noise, cond)
-        for k in schedulers.step_range(plan.num_steps, progress):
-            self._step(k)
-        return self.state.x.clone()
-
-
 @torch.inference_mode()
 def decode_latents(
     vae: torch.nn.Module, latents: torch.Tensor, decode: Callable | None = None
@@ -323,41 +274,6 @@ def decode_latents(
         finally:  # the VAE is shared: an error (e.g. out of memory) must not leave it in fp32
             vae.to(vae_dtype)
     return (images / 2 + 0.5).clamp(0, 1)
-
-
-def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float,
-               guidance_rescale: float) -> torch.Tensor:  # fmt: skip
-    """The guided eps/v prediction (B, C, H, W) fp32: both CFG branches in one UNet call.
-
-    A plain function of tensors (and two constants), so torch.compile sees the CFG combine
-    and the UNet as one graph.
-    """
-    guided = guidance_scale > 1.0
-    x_in = torch.cat([x, x]) if guided else x  # (2B, C, H, W): negatives first, as diffusers
-    out = unet(x_in.to(cond["encoder_hidden_states"].dtype), t, **cond).float()
-    if not guided:
-        return out
-    uncond, text = out.chunk(2)
-    guided_out = uncond + guidance_scale * (text - uncond)
-    if guidance_rescale > 0:
-        guided_out = rescale_guidance(guided_out, text, guidance_rescale)
-    return guided_out
-
-
-def guided_model(unet, cond: dict, guidance_scale: float, guidance_rescale: float,
-                 forward: Callable = guided_eps) -> schedulers.Model:  # fmt: skip
-    """The sampler's model (x, t) -> eps/v: `forward` (guided_eps, maybe compiled) bound to `cond`."""
-    return lambda x, t: forward(unet, x, t, cond, guidance_scale, guidance_rescale)
-
-
-def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, phi: float) -> torch.Tensor:
-    """Rescale CFG output to the text branch's std (Lin et al. 2023, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", section 3.4)."""
-    dims = list(range(1, guided.ndim))
-    std_text = text.std(dim=dims, keepdim=True)
-    std_guided = guided.std(dim=dims, keepdim=True)
-    rescaled = guided * (std_text / std_guided)
-    return phi * rescaled + (1 - phi) * guided
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

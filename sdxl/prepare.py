@@ -21,9 +21,10 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from sdxl import config_fields
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.hub import SDXL_BASE_REPO, select_files
 from sdxl.tiny import BUILTIN_TINY
@@ -57,11 +58,7 @@ class WeightsConfig:
     @classmethod
     def from_dict(cls, values: dict) -> WeightsConfig:
         """Build from config.yaml's `weights` dict; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown weights settings {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+        return config_fields.from_dict(cls, values, "weights settings")
 
 
 def source_kind(source: str) -> str:

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdxl.models.configs import MODEL_INDEX, SCHEDULER, TINY, TINY_VOCAB_SIZE
+from sdxl.models.configs import (
+    MODEL_INDEX,
+    SCHEDULER,
+    TINY,
+    TINY_VOCAB_SIZE,
+    CLIPTextConfig,
+    UNetConfig,
+    VAEConfig,
+)
 from sdxl.utils import atomic_path, atomic_write_text
 
 BUILTIN_TINY = "builtin:tiny"
@@ -130,9 +138,9 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def _build(name: str, config: dict) -> torch.nn.Module:
-    from sdxl.models.clip import CLIPTextConfig, CLIPTextModel
-    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
-    from sdxl.models.vae import AutoencoderKL, VAEConfig
+    from sdxl.models.clip import CLIPTextModel
+    from sdxl.models.unet import UNet2DConditionModel
+    from sdxl.models.vae import AutoencoderKL
 
     if name == "unet":
         return UNet2DConditionModel(UNetConfig.from_dict(config))

@@ -19,7 +19,7 @@ from torch import nn
 
 from sdxl import convert
 from sdxl.errors import UserError
-from sdxl.models.configs import SDXL_BASE
+from sdxl.models.configs import SDXL_BASE, CLIPTextConfig, UNetConfig, VAEConfig
 from sdxl.utils import atomic_path, to_dtype
 
 COMPONENTS = convert.COMPONENTS
@@ -173,17 +173,17 @@ def load_component_state_dict(
 
 
 def _model_classes(name: str) -> tuple[type, type]:
-    """(config class, model class) for a component; imported lazily."""
+    """(config class, model class) for a component; the model module is imported lazily."""
     if name == "unet":
-        from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+        from sdxl.models.unet import UNet2DConditionModel
 
         return UNetConfig, UNet2DConditionModel
     if name == "vae":
-        from sdxl.models.vae import AutoencoderKL, VAEConfig
+        from sdxl.models.vae import AutoencoderKL
 
         return VAEConfig, AutoencoderKL
     if name in ("text_encoder", "text_encoder_2"):
-        from sdxl.models.clip import CLIPTextConfig, CLIPTextModel
+        from sdxl.models.clip import CLIPTextModel
 
         return CLIPTextConfig, CLIPTextModel
     raise ValueError(f"unknown component {name!r}; expected one of {list(COMPONENTS)}")
@@ -328,6 +328,51 @@ def load_component(
     model = build_on_meta(name, _read_config(config_path), str(config_path))
     weights = find_component_weights(folder, variant)
     return assign_state_dict(model, load_weights(weights, device, dtype), str(weights), name)
+
+
+def _vae_folder(model_dir: str | Path, vae_dir: str | Path | None) -> Path:
+    """The folder with the VAE's config.json and weights: vae_dir (or its vae/) or model/vae."""
+    if vae_dir is None:
+        return Path(model_dir) / "vae"
+    vae_dir = Path(vae_dir)
+    return vae_dir / "vae" if (vae_dir / "vae" / "config.json").is_file() else vae_dir
+
+
+def _vae_config(folder: Path) -> dict:
+    """The VAE's config.json, or a WeightsError saying what the folder must hold."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise WeightsError(
+            f"cannot read {folder / 'config.json'}; pass an SDXL model folder (with vae/) or a "
+            "VAE folder holding config.json and diffusion_pytorch_model.safetensors"
+        )
+    return config
+
+
+def vae_scaling_factor(model_dir: str | Path, vae_dir: str | Path | None = None) -> float:
+    """The latent scaling factor of the VAE load_vae loads, read from its config alone."""
+    config = _vae_config(_vae_folder(model_dir, vae_dir))
+    return float(config.get("scaling_factor", VAEConfig.scaling_factor))
+
+
+def load_vae(
+    model_dir: str | Path,
+    vae_dir: str | Path | None = None,
+    *,
+    device: str | torch.device,
+    dtype: str | torch.dtype | None,
+) -> nn.Module:
+    """The model's VAE, or a separate one (e.g. sdxl-vae-fp16-fix: a folder with config.json
+    and weights, or with vae/), strictly, frozen, in eval mode."""
+    if vae_dir is None:
+        return load_component(model_dir, "vae", dtype=dtype, device=device)
+    folder = _vae_folder(model_dir, vae_dir)
+    model = build_on_meta("vae", _vae_config(folder), str(folder / "config.json"))
+    sd = load_component_state_dict(folder, device=device, dtype=dtype)
+    return assign_state_dict(model, sd, str(folder), "vae")
 
 
 # ----------------------------------------------------------------------------- checks, identity

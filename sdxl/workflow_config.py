@@ -10,11 +10,11 @@ torch.
 
 from __future__ import annotations
 
-import difflib
 import os
 
 import yaml
 
+from sdxl.config_fields import did_you_mean
 from sdxl.errors import UserError
 
 
@@ -120,8 +120,7 @@ def _describe(error) -> str:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         if key in RENAMED:
             return f"config key {key!r} is no longer used: {RENAMED[key]}"
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        hint = did_you_mean(unknown[0], known) or f"known keys: {', '.join(known)}"
         return f"config key {key!r} is unknown; {hint} (see config.yaml for every key)"
     if error.validator == "pattern" and "description" in error.schema:
         # The regex says little to a reader; the description says what is allowed.

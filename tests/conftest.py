@@ -70,8 +70,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def base_state() -> dict[str, torch.Tensor]:
     """Seeded random weights of the tiny UNet (the LoRA and fused-attention tests share them)."""
-    from sdxl.models.configs import TINY
-    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+    from sdxl.models.configs import TINY, UNetConfig
+    from sdxl.models.unet import UNet2DConditionModel
 
     torch.manual_seed(0)
     return UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"])).state_dict()

@@ -10,19 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl.data import cache
+from sdxl.data import latent_cache
 from sdxl.data.buckets import assign_bucket, make_buckets
-from sdxl.data.cache import (
-    CachedDataset,
-    CacheError,
+from sdxl.data.cached_dataset import CachedDataset, is_cache_dir
+from sdxl.data.dataset import load_image, validate_dataset, write_manifest
+from sdxl.data.latent_cache import (
     build_latent_cache,
     build_latent_cache_from_manifest,
-    build_text_cache,
-    is_cache_dir,
     merge_latent_index,
 )
-from sdxl.data.dataset import load_image, validate_dataset, write_manifest
+from sdxl.data.shards import CacheError, shard_ranges
+from sdxl.data.text_cache import build_text_cache
 from sdxl.data.transforms import transform_image
+from sdxl.weights import WeightsError
 
 SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes"
 # Square 256px images plus one wide (384x256) and one tall (256x384): two buckets at 192.
@@ -173,13 +173,13 @@ def test_text_embeddings_equal_encode_prompts(built, items, text_models):
 
 def count_encodes(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = cache._encode_batch
+    real = latent_cache._encode_batch
 
     def counted(vae, pixels, device, dtype):
         calls.append(len(pixels))
         return real(vae, pixels, device, dtype)
 
-    monkeypatch.setattr(cache, "_encode_batch", counted)
+    monkeypatch.setattr(latent_cache, "_encode_batch", counted)
     return calls
 
 
@@ -284,7 +284,7 @@ def test_separate_vae_folder(built, items, tiny_dir, tmp_path):
     assert index["settings"]["vae"] == str(vae_dir)
     ours, ref = load_file(latents / "shard-00000.safetensors"), CachedDataset(*built)
     assert rel_err(ours["000000-flip.mean"], ref[1]["mean"]) < 1e-5
-    with pytest.raises(CacheError, match="VAE folder holding config.json"):
+    with pytest.raises(WeightsError, match="VAE folder holding config.json"):
         build_latent_cache(items, tiny_dir, tmp_path / "x", image_size=IMAGE_SIZE, vae_dir=tmp_path)
 
 
@@ -314,3 +314,51 @@ def test_dataset_pickles_without_open_handles(built):
     first = ds[0]
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[0]["mean"], first["mean"])
+
+
+def test_shard_ranges_split_evenly_or_by_size():
+    assert shard_ranges(5, num_shards=2) == [range(0, 2), range(2, 5)]
+    assert shard_ranges(1, num_shards=3) == [range(0, 0), range(0, 0), range(0, 1)]
+    assert shard_ranges(4, items_per_shard=3) == [range(0, 3), range(3, 4)]
+    assert shard_ranges(0, items_per_shard=3) == [range(0, 0)]  # always at least one shard
+    with pytest.raises(ValueError, match="num_shards must be >= 1"):
+        shard_ranges(4, num_shards=0)
+    with pytest.raises(ValueError, match="items_per_shard must be >= 1"):
+        shard_ranges(4, items_per_shard=0)
+
+
+def test_dataset_checks_the_settings_the_run_expects(built):
+    latents, texts = built
+    CachedDataset(latents, texts, expect={"image_size": IMAGE_SIZE, "flip": True, "seed": SEED})
+    with pytest.raises(
+        CacheError,
+        match=f"latent cache {latents} was built with image_size={IMAGE_SIZE}, crop='random' but "
+        "this run expects image_size=64, crop='center'; run with the settings the cache was "
+        "built with, or rebuild the cache",
+    ):
+        CachedDataset(latents, texts, expect={"image_size": 64, "crop": "center", "flip": True})
+
+
+def test_trainer_refuses_a_pipeline_cache_of_another_size(built, tiny_dir, tmp_path):
+    """A pipeline-built cache pair as --data_dir: only its image size must be the run's."""
+    from sdxl.train import distributed
+    from sdxl.train.caches import prepare_caches
+    from sdxl.train.config import TrainConfig
+    from sdxl.train.loop import Trainer
+
+    root = built[0].parent  # latents/ and text/: the layout the workflow writes
+    dist = distributed.setup("cpu")
+
+    def caches(**changes):
+        cfg = TrainConfig(data_dir=str(root), pretrained_model=str(tiny_dir),
+                          output_dir=str(tmp_path / "run"), device="cpu", precision="fp32",
+                          **changes)  # fmt: skip
+        return cfg, prepare_caches(cfg, tiny_dir, None, dist)
+
+    _, same = caches(image_size=IMAGE_SIZE, center_crop=True, random_flip=False, seed=SEED + 1)
+    assert same.expect == {"image_size": IMAGE_SIZE}
+    CachedDataset(same.latent_dir, same.text_dir, same.expect)
+    cfg, other = caches(image_size=128)
+    with pytest.raises(CacheError, match=f"{root / 'latents'} was built with image_size=192"):
+        Trainer(cfg, other, dist)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

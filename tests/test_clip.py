@@ -10,11 +10,10 @@ import transformers
 
 from sdxl.models.clip import (
     IGNORED_KEYS,
-    CLIPTextConfig,
     CLIPTextModel,
     convert_transformers_state_dict,
 )
-from sdxl.models.configs import SCHEDULER, SDXL_BASE, TINY
+from sdxl.models.configs import SCHEDULER, SDXL_BASE, TINY, CLIPTextConfig
 from sdxl.text import MAX_LENGTH, encode_prompts, load_tokenizers, tokenize
 from sdxl.tiny import END, write_tokenizer
 
@@ -120,25 +119,6 @@ def test_convert_state_dict_prefix_and_ignored_keys():
     converted = convert_transformers_state_dict(prefixed)
     assert converted.keys() == convert_transformers_state_dict(sd).keys()
     CLIPTextModel(CLIPTextConfig.from_dict(TINY["text_encoder"])).load_state_dict(converted)
-
-
-def test_config_from_dict():
-    assert not CLIPTextConfig.from_dict(SDXL_BASE["text_encoder"]).with_projection
-    big = CLIPTextConfig.from_dict(SDXL_BASE["text_encoder_2"])
-    assert (big.with_projection, big.hidden_act, big.num_hidden_layers) == (True, "gelu", 32)
-    saved = transformers.CLIPTextConfig.from_dict(TINY["text_encoder"]).to_dict()
-    assert CLIPTextConfig.from_dict(saved) == CLIPTextConfig.from_dict(TINY["text_encoder"])
-    assert CLIPTextConfig.from_dict({"with_projection": True}).with_projection
-    bad = [
-        ({"hidden_act": "relu"}, "hidden_act"),
-        ({"dropout": 0.1}, "dropout"),
-        ({"model_type": "clip_vision_model"}, "model_type"),
-        ({"architectures": ["CLIPModel"]}, "architectures"),
-        ({"rope_theta": 1.0}, "rope_theta"),
-    ]
-    for extra, key in bad:
-        with pytest.raises(ValueError, match=key):
-            CLIPTextConfig.from_dict({**TINY["text_encoder"], **extra})
 
 
 def test_load_tokenizers_missing_folder(tmp_path):

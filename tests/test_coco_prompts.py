@@ -19,6 +19,7 @@ from PIL import Image
 from sdxl.cli.generate import main
 from sdxl.errors import UserError
 from sdxl.generate.prompts import expand_prompts, load_prompts
+from sdxl.workflow_inputs import generation_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # COCO image id -> its captions in file order; 554625 has none (such images are skipped).
@@ -293,22 +294,13 @@ def workflow_common():
     return generation
 
 
-def generation_settings(config: dict) -> dict:
-    """rules/common.smk's generation_settings (what every generate job gets), run on `config`."""
-    source = (ROOT / "rules/common.smk").read_text()
-    func = source[source.index("def generation_settings") : source.index("\ndef shard_range")]
-    namespace = {"config": config}
-    exec(func, namespace)
-    return namespace["generation_settings"]()
-
-
 def lora_file(base_state, path: Path) -> Path:
     import torch
 
     from sdxl.lora import LoRAConfig, inject_lora, lora_state_dict
-    from sdxl.lora_formats import save_kohya
-    from sdxl.models.configs import TINY
-    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+    from sdxl.lora_formats.kohya import save_kohya
+    from sdxl.models.configs import TINY, UNetConfig
+    from sdxl.models.unet import UNet2DConditionModel
 
     unet = UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"]))
     unet.load_state_dict(base_state)

@@ -13,9 +13,13 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from sdxl import load_pipeline, schedulers
+from sdxl import load_pipeline
 from sdxl.models.configs import SCHEDULER
-from sdxl.pipeline import FastPath
+from sdxl.noise_schedule import SchedulerConfig
+from sdxl.pipeline import FastPath, SampleSettings
+from sdxl.sampling import loop, samplers
+from sdxl.sampling.samplers import NoiseLevel
+from sdxl.sampling.schedules import euler_schedule
 
 KW = dict(num_inference_steps=3, guidance_scale=5.0)
 
@@ -40,17 +44,17 @@ def _model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x_in) * torch.cos(0.01 * t) + 0.1 * x_in
 
 
-@pytest.mark.parametrize("sampler", sorted(schedulers.SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
 def test_denoise_step_compiles_once_for_every_step(sampler, dynamo):
     """fullgraph: any .item(), Python branch on a tensor or graph break would raise here; one
     frame for all steps: the step index is a tensor, not a constant baked into the graph."""
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
-    plan = schedulers.plan(sampler, noise, 6, SCHEDULER, gens())
-    eager = schedulers.run_steps(schedulers.start(plan, _model, noise), plan.num_steps)
+    plan = samplers.plan(sampler, noise, 6, SCHEDULER, gens())
+    eager = loop.run_steps(loop.start(plan, _model, noise), plan.num_steps)
     counter = CompileCounterWithBackend("eager")
-    step = torch.compile(schedulers.denoise_step, fullgraph=True, dynamic=False, backend=counter)
-    state = schedulers.start(schedulers.plan(sampler, noise, 6, SCHEDULER, gens()), _model, noise)
+    step = torch.compile(loop.denoise_step, fullgraph=True, dynamic=False, backend=counter)
+    state = loop.start(samplers.plan(sampler, noise, 6, SCHEDULER, gens()), _model, noise)
     for k in range(plan.num_steps):
         step(state, torch.tensor([k]))
     assert counter.frame_count == 1 and not counters["graph_break"]
@@ -59,25 +63,25 @@ def test_denoise_step_compiles_once_for_every_step(sampler, dynamo):
 
 def test_predrawn_ancestral_noise_equals_drawing_at_each_step():
     """euler_a draws all its noise before step 0; the draws are those of the old per-step loop."""
-    cfg = schedulers.SchedulerConfig.from_dict(SCHEDULER, "euler_a")
+    cfg = SchedulerConfig.from_dict(SCHEDULER, "euler_a")
     seeds, shape = (3, 4), (1, 4, 8, 8)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
-    got = schedulers.sample("euler_a", _model, noise, 5, SCHEDULER, generators=gens)
+    got = loop.sample("euler_a", _model, noise, 5, SCHEDULER, generators=gens)
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
-    sigmas_np, t_np = schedulers.euler_schedule(cfg, 5)
+    sigmas_np, t_np = euler_schedule(cfg, 5)
     sigmas, ts = (torch.tensor(a, dtype=torch.float32) for a in (sigmas_np, t_np))
     denoise, x = (
-        schedulers.denoiser(_model, cfg.prediction_type),
+        samplers.denoiser(_model, cfg.prediction_type),
         noise * (sigmas[0] ** 2 + 1) ** 0.5,
     )
     for i in range(5):  # the loop before pre-drawing: noise drawn after each step's update
         sigma, nxt = sigmas[i], sigmas[i + 1]
         up = (nxt**2 * (sigma**2 - nxt**2) / sigma**2) ** 0.5
         down = (nxt**2 - up**2).clamp(min=0) ** 0.5
-        x = x + (x - denoise(x, sigma, ts[i])) / sigma * (down - sigma)
+        x = x + (x - denoise(x, NoiseLevel(sigma, ts[i]))) / sigma * (down - sigma)
         x = x + torch.cat([torch.randn(shape, generator=g) for g in gens]) * up
     assert torch.equal(got, x)
 
@@ -85,12 +89,13 @@ def test_predrawn_ancestral_noise_equals_drawing_at_each_step():
 def test_compiled_pipeline_equals_eager_with_no_recompiles(pipe, dynamo):
     """Guided UNet + VAE decode compiled (aot_eager): images equal eager exactly in fp32; one
     frame per (function, shape): a second shape compiles once, a new batch/seed never."""
-    runs = [(["a red circle"], 1, 64, 64), (["a blue square"], 2, 96, 64),
-            (["a green star"], 7, 64, 64)]  # fmt: skip
-    want = [pipe.generate(p, seed=s, width=w, height=h, **KW) for p, s, w, h in runs]
+    runs = [(["a red circle"], SampleSettings(seed=1, width=64, height=64, **KW)),
+            (["a blue square"], SampleSettings(seed=2, width=96, height=64, **KW)),
+            (["a green star"], SampleSettings(seed=7, width=64, height=64, **KW))]  # fmt: skip
+    want = [pipe.generate(p, settings) for p, settings in runs]
     counter = CompileCounterWithBackend("aot_eager")
     pipe.use_fast_path(FastPath(compile=True, backend=counter))
-    got = [pipe.generate(p, seed=s, width=w, height=h, **KW) for p, s, w, h in runs]
+    got = [pipe.generate(p, settings) for p, settings in runs]
     assert counter.frame_count == 4  # guided UNet and decode, at 64x64 and 96x64
     assert not counters["graph_break"]
     for g, w in zip(got, want, strict=True):
@@ -102,10 +107,10 @@ def test_static_loop_equals_the_plain_loop_across_runs(pipe, sampler):
     """The buffers a CUDA graph replays on (here run eagerly, on CPU) are refilled each run:
     a second batch with other prompts and seeds gets its own images, not the first one's."""
     prompts = [["a red circle", "a blue square"], ["a green star", "a pink ring"]]
-    kw = dict(width=64, height=64, sampler=sampler, **KW)
-    want = [pipe.generate_latents(p, seed=s, **kw) for p, s in zip(prompts, (1, 9), strict=True)]
+    settings = [SampleSettings(width=64, height=64, sampler=sampler, seed=s, **KW) for s in (1, 9)]
+    want = [pipe.generate_latents(p, ss) for p, ss in zip(prompts, settings, strict=True)]
     pipe.fast = FastPath(cuda_graphs=True)  # what use_fast_path refuses on CPU: no capture here
-    got = [pipe.generate_latents(p, seed=s, **kw) for p, s in zip(prompts, (1, 9), strict=True)]
+    got = [pipe.generate_latents(p, ss) for p, ss in zip(prompts, settings, strict=True)]
     assert len(pipe._loops) == 1
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)

@@ -26,7 +26,9 @@ from sdxl.lora import (
     set_lora_multiplier,
     unmerge_lora,
 )
-from sdxl.lora_formats import load_lora_file, save_kohya, save_seed_pt
+from sdxl.lora_formats import load_lora_file
+from sdxl.lora_formats.kohya import save_kohya
+from sdxl.lora_formats.seed import save_seed_pt
 from sdxl.models.configs import TINY
 from tests.test_lora import ours, rel_err, run
 from tests.test_train import _cfg, small_dataset  # noqa: F401  (fixture)
@@ -296,12 +298,13 @@ def _header(path) -> dict[str, str]:
 
 
 def test_resumed_dora_run_equals_the_straight_one(dora_run, tiny_dir, tmp_path):
-    from sdxl.train.loop import StopTraining, train
+    from sdxl.train.loop import train
+    from tests.interrupt import killed_after_step
 
     kw = dict(max_steps=2, num_epochs=10, lora_type="dora", checkpoint_steps=1)
     resumed = tmp_path / "resumed"
-    with pytest.raises(StopTraining):
-        train(_cfg(tiny_dir, dora_run / "cache", resumed, **kw), stop_after=1)
+    with killed_after_step(1):
+        train(_cfg(tiny_dir, dora_run / "cache", resumed, **kw))
     train(_cfg(tiny_dir, dora_run / "cache", resumed, **kw))
     want, got = (
         load_file(str(dora_run / "lora_final.safetensors")),
@@ -313,7 +316,7 @@ def test_resumed_dora_run_equals_the_straight_one(dora_run, tiny_dir, tmp_path):
 
 
 def test_lora_type_is_checked_and_peft_export_refuses_dora(dora_state):
-    from sdxl.lora_formats import state_to_peft
+    from sdxl.lora_formats.peft import state_to_peft
     from sdxl.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="lora_type must be one of"):

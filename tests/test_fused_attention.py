@@ -18,10 +18,11 @@ from sdxl.lora import (
     merge_lora,
     remove_lora,
 )
-from sdxl.lora_formats import load_lora_file, save_kohya
+from sdxl.lora_formats import load_lora_file
+from sdxl.lora_formats.kohya import save_kohya
 from sdxl.models import unet as unet_module
-from sdxl.models.configs import TINY
-from sdxl.models.unet import KV, QKV, Attention, UNet2DConditionModel, UNetConfig
+from sdxl.models.configs import TINY, UNetConfig
+from sdxl.models.unet import KV, QKV, Attention, UNet2DConditionModel
 from tests.test_lora import rel_err
 
 

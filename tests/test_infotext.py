@@ -26,7 +26,7 @@ from sdxl.generate.infotext import (
     lora_short_hash,
     model_short_hash,
 )
-from sdxl.schedulers import SAMPLERS
+from sdxl.sampling.samplers import SAMPLERS
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -176,9 +176,9 @@ def test_generated_png_reads_back_and_old_texts_are_remade(tiny_dir, tmp_path):
     from sdxl.generate.run import GenerateConfig, generate_dataset, pending_indices
     from sdxl.generate.writers import save_png
     from sdxl.lora import LoRAConfig, inject_lora, lora_state_dict
-    from sdxl.lora_formats import save_kohya
-    from sdxl.models.configs import TINY
-    from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+    from sdxl.lora_formats.kohya import save_kohya
+    from sdxl.models.configs import TINY, UNetConfig
+    from sdxl.models.unet import UNet2DConditionModel
 
     unet = UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"]))
     inject_lora(unet, LoRAConfig(rank=2, alpha=2.0), generator=torch.Generator().manual_seed(0))

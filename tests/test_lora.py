@@ -25,22 +25,13 @@ from sdxl.lora import (
     split_lora_state,
     unmerge_lora,
 )
-from sdxl.lora_formats import (
-    SDXL_LAYOUT,
-    LoRAFileError,
-    UNetLayout,
-    diffusers_to_sgm,
-    kohya_to_state,
-    load_lora_file,
-    save_kohya,
-    save_peft,
-    save_seed_pt,
-    sgm_to_diffusers,
-    state_to_kohya,
-    state_to_peft,
-)
-from sdxl.models.configs import SCHEDULER, SDXL_BASE, TINY
-from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+from sdxl.lora_formats import LoRAFileError, load_lora_file
+from sdxl.lora_formats.kohya import kohya_to_state, save_kohya, state_to_kohya
+from sdxl.lora_formats.layout import SDXL_LAYOUT, UNetLayout, diffusers_to_sgm, sgm_to_diffusers
+from sdxl.lora_formats.peft import save_peft, state_to_peft
+from sdxl.lora_formats.seed import save_seed_pt
+from sdxl.models.configs import SCHEDULER, SDXL_BASE, TINY, UNetConfig
+from sdxl.models.unet import UNet2DConditionModel
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -304,14 +295,25 @@ def test_fused_transformer_with_lora_compiles_without_graph_breaks(base_state, i
 # ----------------------------------------------------------------------------- SGM map + formats
 
 
-def test_sgm_map_matches_diffusers_single_file_conversion():
+# Not SDXL's block layout: one resnet per level, attention at the top level but not the bottom.
+OTHER_LAYOUT_UNET = {
+    **TINY["unet"],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+
+@pytest.mark.parametrize("config", [TINY["unet"], OTHER_LAYOUT_UNET], ids=["tiny", "other"])
+def test_sgm_map_matches_diffusers_single_file_conversion(config):
     """Every module path we map to SGM is mapped back to itself by diffusers' ldm converter."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(UNetConfig.from_dict(TINY["unet"]))
-    layout = UNetLayout.from_module_names([n for n, _ in unet.named_modules()])
-    assert layout == UNetLayout.from_config(TINY["unet"]) == SDXL_LAYOUT
+        unet = UNet2DConditionModel(UNetConfig.from_dict(config))
+    layout = UNetLayout.from_config(unet.config)
+    assert layout == UNetLayout.from_config(config)
+    assert (layout == SDXL_LAYOUT) == (config is TINY["unet"])
     keys = list(unet.state_dict())
     ldm = {}
     for i, key in enumerate(keys):
@@ -319,7 +321,7 @@ def test_sgm_map_matches_diffusers_single_file_conversion():
         sgm = diffusers_to_sgm(module, layout)
         assert sgm_to_diffusers(sgm, layout) == module
         ldm[f"model.diffusion_model.{sgm}.{param}"] = torch.tensor(i)
-    converted = convert_ldm_unet_checkpoint(ldm, TINY["unet"])
+    converted = convert_ldm_unet_checkpoint(ldm, config)
     assert {k: int(v) for k, v in converted.items()} == {k: i for i, k in enumerate(keys)}
     with pytest.raises(ValueError, match="not a module"):
         sgm_to_diffusers("input_blocks.1.1.proj_in")  # SD1.x: SDXL's first level has no attention
@@ -400,6 +402,22 @@ def test_file_roundtrips(base_state, tmp_path):
     assert info.format == "sdxl"
     assert_same_lora(loaded, state)
     assert_same_lora(kohya_to_state(state_to_kohya(state))[0], state)
+
+
+def test_other_layout_roundtrips_through_its_config(tmp_path):
+    """The kohya names follow `unet.config`'s block layout, not SDXL's."""
+    unet = UNet2DConditionModel(UNetConfig.from_dict(OTHER_LAYOUT_UNET))
+    state = random_lora(unet, CONFIG, seed=11)
+    path = tmp_path / "other.safetensors"
+    save_kohya(path, state, layout=UNetLayout.from_config(unet.config))
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha" in names
+    loaded, info = load_lora_file(path, unet=unet)
+    assert info.format == "kohya"
+    assert_same_lora(loaded, state)
+    with pytest.raises(LoRAFileError, match="not a module"):
+        load_lora_file(path)  # read as SDXL's layout, its first level has no attention
 
 
 def test_loads_what_the_seed_and_diffusers_wrote(tmp_path):

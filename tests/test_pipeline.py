@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdxl import load_pipeline
+from sdxl.pipeline import SampleSettings
 
 DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -54,7 +55,9 @@ def _reference_images(pipe, sampler, prompts, negative, seed, **kw):
 def test_images_match_diffusers(ours, reference, sampler, negative):
     prompts = ["a red circle on a white background", "a photo of south beach, san francisco"]
     kw = dict(width=96, height=64, num_inference_steps=5, guidance_scale=6.0)
-    got = ours.generate(prompts, negative_prompt=negative, sampler=sampler, seed=7, **kw)
+    got = ours.generate(
+        prompts, SampleSettings(negative_prompt=negative, sampler=sampler, seed=7, **kw)
+    )
     want = _reference_images(reference, sampler, prompts, negative, 7, **kw)
     for g, w in zip(got, want, strict=True):
         g, w = np.asarray(g, dtype=np.int16), np.asarray(w, dtype=np.int16)
@@ -65,18 +68,19 @@ def test_images_match_diffusers(ours, reference, sampler, negative):
 
 def test_image_depends_only_on_seed_and_index(ours):
     prompts = ["a blue square", "a green star", "a yellow heart"]
-    kw = dict(width=64, height=64, num_inference_steps=3, guidance_scale=5.0, seed=11)
-    batch = ours.generate(prompts, **kw)
-    last = ours.generate(prompts[2:], indices=[2], **kw)
+    settings = SampleSettings(width=64, height=64, num_inference_steps=3, guidance_scale=5.0,
+                              seed=11)  # fmt: skip
+    batch = ours.generate(prompts, settings)
+    last = ours.generate(prompts[2:], settings, indices=[2])
     assert np.array_equal(np.asarray(batch[2]), np.asarray(last[0]))
     assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))
 
 
 def test_guidance_off_and_rescale_run(ours):
-    plain = ours.generate("a red circle", width=64, height=64, num_inference_steps=2,
-                          guidance_scale=1.0)  # fmt: skip
-    rescaled = ours.generate("a red circle", width=64, height=64, num_inference_steps=2,
-                             guidance_scale=7.0, guidance_rescale=0.7)  # fmt: skip
+    kw = dict(width=64, height=64, num_inference_steps=2)
+    plain = ours.generate("a red circle", SampleSettings(guidance_scale=1.0, **kw))
+    rescaled = ours.generate("a red circle",
+                             SampleSettings(guidance_scale=7.0, guidance_rescale=0.7, **kw))  # fmt: skip
     assert plain[0].size == rescaled[0].size == (64, 64)
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(rescaled[0]))
 
@@ -84,7 +88,7 @@ def test_guidance_off_and_rescale_run(ours):
 def test_guidance_rescale_matches_diffusers(ours, reference):
     kw = dict(width=64, height=64, num_inference_steps=3, guidance_scale=7.0,
               guidance_rescale=0.7)  # fmt: skip
-    got = ours.generate(["a red circle"], sampler="euler", seed=3, **kw)
+    got = ours.generate(["a red circle"], SampleSettings(sampler="euler", seed=3, **kw))
     want = _reference_images(reference, "euler", ["a red circle"], "", 3, **kw)
     assert np.abs(np.asarray(got[0], np.int16) - np.asarray(want[0], np.int16)).max() <= 2
 
@@ -92,24 +96,26 @@ def test_guidance_rescale_matches_diffusers(ours, reference):
 @pytest.mark.parametrize("size", [(100, 64), (64, 30), (8192, 64)])
 def test_bad_size_is_a_clear_error(ours, size):
     with pytest.raises(ValueError, match="multiple of 8"):
-        ours.generate("x", width=size[0], height=size[1], num_inference_steps=1)
+        ours.generate("x", SampleSettings(width=size[0], height=size[1], num_inference_steps=1))
 
 
 def test_unknown_sampler_is_a_clear_error(ours):
     with pytest.raises(ValueError, match="euler"):
-        ours.generate("x", width=64, height=64, num_inference_steps=1, sampler="heun_plus")
+        ours.generate("x", SampleSettings(width=64, height=64, num_inference_steps=1,
+                                          sampler="heun_plus"))  # fmt: skip
 
 
 def test_builtin_tiny_and_default_size(tiny_dir):
     pipe = load_pipeline("builtin:tiny")
     assert pipe.default_size == 128
-    assert pipe.generate("a red circle", num_inference_steps=1)[0].size == (128, 128)
+    image = pipe.generate("a red circle", SampleSettings(num_inference_steps=1))[0]
+    assert image.size == (128, 128)
 
 
 def test_truncation_warning_names_the_image_index(ours, caplog):
     long = "a red circle on a white background " * 20
-    ours.generate(["a blue square", long], indices=[7, 1234], width=64, height=64,
-                  num_inference_steps=1, guidance_scale=1.0)  # fmt: skip
+    settings = SampleSettings(width=64, height=64, num_inference_steps=1, guidance_scale=1.0)
+    ours.generate(["a blue square", long], settings, indices=[7, 1234])
     assert "image 1234:" in caplog.text and "prompt 1" not in caplog.text
 
 

@@ -219,7 +219,7 @@ def test_bad_lora_files_are_one_line(tiny_dir, tmp_path, fails_into, case):
 
 
 def test_lora_with_wrong_shapes_is_one_line(tiny_dir, tmp_path, fails_into):
-    from sdxl.lora_formats import save_kohya
+    from sdxl.lora_formats.kohya import save_kohya
     from sdxl.pipeline import load_pipeline
 
     unet = load_pipeline(tiny_dir).unet

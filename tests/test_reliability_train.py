@@ -100,12 +100,13 @@ def reference(tiny_dir, shapes, tmp_path_factory) -> Path:
 def stopped(tiny_dir, shapes, tmp_path_factory) -> Path:
     """A run of RUN stopped after step 2 (checkpoints 1 and 2 on disk); copy before use."""
     from sdxl.cli.train import build_parser, config_from_args
-    from sdxl.train.loop import StopTraining, train
+    from sdxl.train.loop import train
+    from tests.interrupt import killed_after_step
 
     out = tmp_path_factory.mktemp("stopped") / "out"
     cfg = config_from_args(build_parser().parse_args(_args(tiny_dir, shapes, out, *RUN)))
-    with pytest.raises(StopTraining):
-        train(cfg, stop_after=2)
+    with killed_after_step(2):
+        train(cfg)
     return out
 
 

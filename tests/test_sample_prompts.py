@@ -152,7 +152,11 @@ def test_each_prompt_is_drawn_at_its_own_size_and_seed(cli_run, pipe):
     with Image.open(cli_run / "samples" / "step-0000000.png") as grid:
         assert grid.size == (128, 128 + 24)  # two cells of 64x128 (the tallest) and captions
         first, second = grid.crop((0, 0, 64, 128)), grid.crop((64, 0, 128, 64))
-    draw = lambda prompt, **kw: _pixels(pipe.generate(prompt, guidance_scale=GUIDANCE, **kw)[0])  # noqa: E731
+    from sdxl.pipeline import SampleSettings
+
+    draw = lambda prompt, **kw: _pixels(  # noqa: E731
+        pipe.generate(prompt, SampleSettings(guidance_scale=GUIDANCE, **kw))[0]
+    )
     want = draw("a red circle", width=64, height=128, num_inference_steps=2, seed=7)
     assert np.abs(_pixels(first) - want).max() <= 1  # the same image, up to the last bit
     other_seed = draw("a red circle", width=64, height=128, num_inference_steps=2, seed=8)
@@ -180,15 +184,16 @@ def test_a_finished_run_run_again_draws_no_grid(cli_run, tiny_dir, two_images):
 
 
 def test_a_negative_prompt_is_encoded_and_an_empty_one_is_zeros(tiny_dir, pipe):
+    from sdxl.pipeline import SampleSettings
     from sdxl.train.validation import Validator
 
     samples = [SamplePrompt("a cat", neg, 64, 64, 1, 2, GUIDANCE) for neg in ("", "blurry")]
     sched = json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
     validator = Validator(tiny_dir, samples, sched)
-    assert not validator.neg_embeds[0].any() and validator.neg_embeds[1].any()
+    assert not validator.text.neg_embeds[0].any() and validator.text.neg_embeds[1].any()
     got = [_pixels(validator.image(pipe.unet, k)) for k in range(2)]
     for image, neg in zip(got, ("", "blurry"), strict=True):
-        want = pipe.generate("a cat", neg, 64, 64, 2, GUIDANCE, seed=1)[0]
+        want = pipe.generate("a cat", SampleSettings(neg, 64, 64, 2, GUIDANCE, seed=1))[0]
         assert np.abs(image - _pixels(want)).max() <= 1
 
 

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from sdxl.cli.train import build_parser, config_from_args
 from sdxl.train.config import TrainConfig
-from sdxl.train.loop import StopTraining, train
+from sdxl.train.loop import train
 from sdxl.train.text_encoding import StepText, shuffle_caption
+from tests.interrupt import killed_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # Comma-separated tags, already in kohya's normal form (pieces stripped, joined by ", ").
@@ -132,8 +133,8 @@ def test_shuffled_captions_keep_the_first_tags_and_resume_exactly(tiny_dir, cach
     resumed = tmp_path / "resumed"
     cfg = _cfg(cached_run / "cache", resumed, *TE_FLAGS)
     with _seen_captions() as again:
-        with pytest.raises(StopTraining):
-            train(cfg, stop_after=1)
+        with killed_after_step(1):
+            train(cfg)
         train(cfg)
     assert again[:2] + again[-2:] == seen  # (the stopped run may have read step 2 ahead)
     want, got = (load_file(str(p / "lora_final.safetensors")) for p in (out, resumed))
@@ -163,7 +164,7 @@ def test_on_the_fly_text_equals_the_cache(tiny_dir, cached_run, tmp_path, caplog
         [float(r["loss"]) for r in cached], rel=1e-5
     )
     # And directly: the step's conditioning equals the cache's, "" for a dropped caption.
-    from sdxl.data.cache import CachedDataset
+    from sdxl.data.cached_dataset import CachedDataset
 
     data = CachedDataset(cached_run / "cache" / "latents", cached_run / "cache" / "text")
     text = StepText(tiny_dir, _cfg(cached_run, out), torch.device("cpu"), torch.float32)
@@ -220,6 +221,7 @@ def test_diffusers_loads_the_text_encoder_lora_with_our_effect(tiny_dir, te_run,
 def test_generation_applies_the_text_encoder_lora(tiny_dir, te_run, tmp_path):
     """Merged and unmerged give the same image, which differs from the UNet part alone."""
     from sdxl.generate.run import GenerateConfig, load_generation_pipeline
+    from sdxl.pipeline import SampleSettings
 
     lora = te_run[0] / "lora_final.safetensors"
     unet_only = tmp_path / "unet_only.safetensors"
@@ -232,8 +234,9 @@ def test_generation_applies_the_text_encoder_lora(tiny_dir, te_run, tmp_path):
                              device="cpu", loras=((str(path), 1.0),), merge_loras=merge,
                              compile=False)  # fmt: skip
         pipe = load_generation_pipeline(cfg, "cpu")
-        out = pipe.generate(list(cfg.prompts), width=64, height=64, num_inference_steps=2,
-                            guidance_scale=5.0, sampler="euler", seed=1, indices=[0])  # fmt: skip
+        settings = SampleSettings(width=64, height=64, num_inference_steps=2, guidance_scale=5.0,
+                                  sampler="euler", seed=1)  # fmt: skip
+        out = pipe.generate(list(cfg.prompts), settings, indices=[0])
         return np.asarray(out[0], np.int16)
 
     merged, unmerged, plain = image(lora, True), image(lora, False), image(unet_only, True)

@@ -15,7 +15,8 @@ import torch
 
 from sdxl.errors import UserError
 from sdxl.train.config import TrainConfig
-from sdxl.train.loop import StopTraining, train
+from sdxl.train.loop import train
+from tests.interrupt import killed_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,10 +101,10 @@ def _assert_metadata_is_true(path: Path) -> None:
 
 def _eval_loss(tiny_dir, cache_dir, lora_file: Path | None) -> float:
     """Mean loss over the training set with fixed noise and timesteps (so runs compare exactly)."""
-    from sdxl.data.cache import CachedDataset
+    from sdxl.data.cached_dataset import CachedDataset
     from sdxl.lora import apply_loras
     from sdxl.lora_formats import load_lora_file
-    from sdxl.schedulers import NoiseSchedule
+    from sdxl.noise_schedule import NoiseSchedule
     from sdxl.train.loss import draw_step_noise, per_sample_loss
     from sdxl.weights import load_component
 
@@ -168,8 +169,8 @@ def test_resume_twice_gives_the_same_lora(tiny_dir, cache_dir, tmp_path):
     train(_cfg(tiny_dir, cache_dir, straight, **kw))
     resumed = tmp_path / "resumed"
     for stop in (3, 7):
-        with pytest.raises(StopTraining):
-            train(_cfg(tiny_dir, cache_dir, resumed, **kw), stop_after=stop)
+        with killed_after_step(stop):
+            train(_cfg(tiny_dir, cache_dir, resumed, **kw))
     assert (resumed / "checkpoints" / "checkpoint-step0000006.pt").is_file()
     train(_cfg(tiny_dir, cache_dir, resumed, **kw))
     want, got = _lora(straight), _lora(resumed)
@@ -347,7 +348,7 @@ def test_images_per_s_counts_the_global_batch_once(tiny_dir, cache_dir, tmp_path
     )
     out = tmp_path / "rate"
     train(_cfg(tiny_dir, cache_dir, out, batch_size=1, max_steps=2))
-    from sdxl.data.cache import CachedDataset
+    from sdxl.data.cached_dataset import CachedDataset
     from sdxl.train.data_order import epoch_batches
 
     data = CachedDataset(cache_dir / "latents", cache_dir / "text")
@@ -483,8 +484,8 @@ def test_each_optimizer_trains_and_resumes(tiny_dir, cache_dir, tmp_path, optimi
     ups = [v for k, v in lora.items() if "lora_up" in k]
     assert ups and all(v.abs().sum() > 0 for v in ups)
     resumed = tmp_path / "resumed"
-    with pytest.raises(StopTraining):
-        train(_cfg(tiny_dir, cache_dir, resumed, **kw), stop_after=2)
+    with killed_after_step(2):
+        train(_cfg(tiny_dir, cache_dir, resumed, **kw))
     train(_cfg(tiny_dir, cache_dir, resumed, **kw))
     assert all(torch.equal(lora[k], _lora(resumed)[k]) for k in lora)
     meta = _header(straight / "lora_final.safetensors")["ss_optimizer"]
@@ -532,8 +533,8 @@ def test_tensorboard_gets_the_metrics_and_grids_without_repeats_after_a_resume(
     out = tmp_path / "tb"
     kw = dict(report_to="tensorboard", max_steps=4, checkpoint_steps=2, validation_interval=2,
               validation_prompts=("a red circle",), num_validation_images=1, validation_steps=1)  # fmt: skip
-    with pytest.raises(StopTraining):
-        train(_cfg(tiny_dir, cache_dir, out, **kw), stop_after=3)
+    with killed_after_step(3):
+        train(_cfg(tiny_dir, cache_dir, out, **kw))
     train(_cfg(tiny_dir, cache_dir, out, **kw))  # resumes at step 2: step 3 is logged again
     events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
@@ -580,8 +581,8 @@ def test_a_hub_repo_id_is_downloaded_once_for_training(fake_hub, tmp_path, monke
 
 
 def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
-    from sdxl.data.cache import CachedDataset
-    from sdxl.schedulers import NoiseSchedule
+    from sdxl.data.cached_dataset import CachedDataset
+    from sdxl.noise_schedule import NoiseSchedule
     from sdxl.train.loss import draw_step_noise, per_sample_loss
     from sdxl.weights import load_component
 
@@ -614,7 +615,7 @@ def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
 def test_non_finite_loss_skips_the_step_and_names_the_sample(
     tiny_dir, cache_dir, tmp_path, caplog, monkeypatch
 ):
-    from sdxl.data.cache import CachedDataset
+    from sdxl.data.cached_dataset import CachedDataset
 
     original = CachedDataset.__getitem__
     first = original(CachedDataset(cache_dir / "latents", cache_dir / "text"), 0)
@@ -677,8 +678,8 @@ def test_wandb_logging_in_offline_mode(tiny_dir, cache_dir, tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = _cfg(tiny_dir, cache_dir, tmp_path / "wb", wandb_project="sdxl-test", max_steps=2,
                checkpoint_steps=1)  # fmt: skip
-    with pytest.raises(StopTraining):
-        train(cfg, stop_after=1)
+    with killed_after_step(1):
+        train(cfg)
     train(cfg)
     assert inits[0]["project"] == "sdxl-test" and inits[0]["config"]["lora_rank"] == 4
     assert inits[0]["id"] is None and inits[1]["id"] == "run1" and inits[1]["resume"] == "allow"
@@ -687,8 +688,8 @@ def test_wandb_logging_in_offline_mode(tiny_dir, cache_dir, tmp_path, monkeypatc
 
 def test_resume_refuses_a_checkpoint_with_other_settings(tiny_dir, cache_dir, tmp_path):
     out = tmp_path / "changed"
-    with pytest.raises(StopTraining):
-        train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1), stop_after=1)
+    with killed_after_step(1):
+        train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1))
     with pytest.raises(UserError, match=r"learning_rate: 0.001 -> 0.002"):
         train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1, learning_rate=2e-3))
     train(_cfg(tiny_dir, cache_dir, out, checkpoint_steps=1, num_epochs=1, resume_from="none"))

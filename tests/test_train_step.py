@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from sdxl.models.configs import TINY
-from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+from sdxl.models.configs import TINY, UNetConfig
+from sdxl.models.unet import UNet2DConditionModel
 from sdxl.train.config import TrainConfig
 from sdxl.train.data_order import step_generator
 from sdxl.train.distributed import DistInfo
@@ -31,7 +31,7 @@ def _cfg(**kw) -> TrainConfig:
 def _step(tiny_dir, cfg: TrainConfig, backend: str = "aot_eager"):
     """A fresh tiny UNet with the same LoRA init, and the trainer's TrainStep over it."""
     from sdxl.lora import LoRAConfig, inject_lora, lora_parameters
-    from sdxl.schedulers import NoiseSchedule
+    from sdxl.noise_schedule import NoiseSchedule
     from sdxl.train.optim import make_optimizer
     from sdxl.train.step import TrainStep
 

@@ -10,8 +10,8 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from safetensors.torch import load_file
 
 from sdxl.models import unet as unet_module
-from sdxl.models.configs import SDXL_BASE, TINY, component_config
-from sdxl.models.unet import UNet2DConditionModel, UNetConfig
+from sdxl.models.configs import SDXL_BASE, TINY, UNetConfig, component_config
+from sdxl.models.unet import UNet2DConditionModel
 
 SDXL_UNET_PARAMS = 2_567_463_684
 
@@ -222,38 +222,3 @@ def test_low_precision_forward_close_to_fp32(tiny_pair, dtype):
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 5e-2
-
-
-def test_from_dict_reads_sdxl_and_tiny():
-    cfg = UNetConfig.from_dict(SDXL_BASE["unet"])
-    assert cfg.num_attention_heads == (5, 10, 20)  # diffusers' attention_head_dim = head count
-    assert cfg.transformer_layers_per_block == (1, 2, 10)
-    assert cfg.layers_per_block == (2, 2, 2)
-    assert UNetConfig.from_dict(TINY["unet"]).block_out_channels == (16, 32, 32)
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("use_linear_projection", False),
-        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-        ("down_block_types", ["DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D"]),
-        ("up_block_types", ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D"]),
-        ("transformer_layers_per_block", [[1], [2], [3]]),
-        ("num_attention_heads", [5, 10, 20]),
-        ("addition_embed_type", "text"),
-        ("time_cond_proj_dim", 256),
-        ("norm_num_groups", 7),
-        ("layers_per_block", [2, 2]),
-        ("some_new_key", 1),
-    ],
-)
-def test_from_dict_rejects_unsupported(key, value):
-    with pytest.raises(ValueError, match=key):
-        UNetConfig.from_dict({**SDXL_BASE["unet"], key: value})
-
-
-def test_from_dict_absent_key_uses_diffusers_default():
-    cfg = {k: v for k, v in SDXL_BASE["unet"].items() if k != "use_linear_projection"}
-    with pytest.raises(ValueError, match="use_linear_projection.*absent"):
-        UNetConfig.from_dict(cfg)

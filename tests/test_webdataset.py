@@ -159,6 +159,7 @@ def _config(**generate) -> dict:
 
 def test_pipeline_config_keys_validate():
     from sdxl.workflow_config import ConfigError, check_config
+    from sdxl.workflow_inputs import generation_settings
 
     schema = ROOT / "schemas/config.schema.yaml"
     check_config(_config(output_format="webdataset", webdataset_shard_size=2), schema)
@@ -166,11 +167,7 @@ def test_pipeline_config_keys_validate():
         with pytest.raises(ConfigError, match=next(iter(bad))):
             check_config(_config(**bad), schema)
     # Packing settings are not generation settings: changing them reruns no generate job.
-    source = (ROOT / "rules/common.smk").read_text()
-    namespace = {"config": _config(output_format="webdataset")}
-    exec(source[source.index("def generation_settings") : source.index("\ndef shard_range")],
-         namespace)  # fmt: skip
-    settings = namespace["generation_settings"]()
+    settings = generation_settings(_config(output_format="webdataset"))
     assert "output_format" not in settings and "webdataset_shard_size" not in settings
 
 

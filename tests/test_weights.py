@@ -22,7 +22,9 @@ from sdxl.weights import (
     build_on_meta,
     load_component,
     load_single_file,
+    load_vae,
     save_single_file,
+    vae_scaling_factor,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -413,6 +415,19 @@ def test_config_of_another_architecture(vae_dir):
     (vae_dir / "unet" / "config.json").write_text(json.dumps(sd15_unet))
     with pytest.raises(WeightsError, match="unsupported unet config"):
         load_component(vae_dir, "unet", dtype=torch.float32, device="cpu")
+
+
+@needs_models
+def test_load_vae_from_the_model_or_a_separate_folder(vae_dir, tmp_path):
+    own = load_vae(vae_dir, device="cpu", dtype=torch.float32).state_dict()
+    shutil.copytree(vae_dir / "vae", tmp_path / "sdxl-vae")  # config.json + weights at the top
+    for folder in (tmp_path / "sdxl-vae", vae_dir):  # a VAE folder, or a model folder with vae/
+        other = load_vae(tmp_path / "elsewhere", folder, device="cpu", dtype=torch.float32)
+        _assert_same(other.state_dict(), own, torch.float32)
+    want = json.loads((vae_dir / "vae" / "config.json").read_text())["scaling_factor"]
+    assert vae_scaling_factor(vae_dir) == vae_scaling_factor(tmp_path, vae_dir) == want
+    with pytest.raises(WeightsError, match="VAE folder holding config.json"):
+        vae_scaling_factor(tmp_path, tmp_path)
 
 
 # ----------------------------------------------------------------------------- single file

@@ -190,8 +190,12 @@ def _demo_run(tmp_path_factory) -> Path:
     if _DEMO is None:
         workdir = copy_workflow(tmp_path_factory.mktemp("workflow") / "run")
         add_hostile_inputs(workdir)
+        trace = workdir.parent / "import-trace"  # what each job imported (see import_trace/)
+        trace.mkdir()
+        env = {"HF_TOKEN": TOKEN, "SDXL_IMPORT_TRACE": str(trace),
+               "PYTHONPATH": str(ROOT / "tests/import_trace")}  # fmt: skip
         snakemake(workdir, "--profile", "profiles/demo", "--resources", "gpu=2", "--cores", "2",
-                  env={"HF_TOKEN": TOKEN})  # fmt: skip
+                  env=env)  # fmt: skip
         _DEMO = workdir
     return _DEMO
 
@@ -373,6 +377,49 @@ def test_library_code_change_reruns_only_its_stages(finished, tmp_path):
     assert "evaluate_reference" in would_run(work)
 
 
+def rule_code_inputs(workdir: Path) -> dict[str, set[str]]:
+    """Each rule script's `code` inputs (workdir-relative), as the parsed workflow declares."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings
+
+    cwd = Path.cwd()
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(cores=1),
+                config_settings=ConfigSettings(configfiles=[workdir / DEMO_CONFIG]),
+                snakefile=workdir / "Snakefile",
+                workdir=workdir,
+            )
+            rules = workflow._workflow.rules
+            return {Path(r.script).stem: set(r.input["code"]) for r in rules if r.script}
+    finally:
+        os.chdir(cwd)
+
+
+def test_code_inputs_hold_every_module_each_job_loaded(finished):
+    """The code inputs are derived from each script's imports (sdxl/code_inputs.py); every
+    repository module a job of the demo run loaded (traced) must be among its rule's, so that
+    editing it reruns the job."""
+    declared = rule_code_inputs(finished)
+    loaded: dict[str, set[str]] = {}
+    for record in (finished.parent / "import-trace").glob("*.json"):
+        trace = json.loads(record.read_text())
+        if not trace["job"]:
+            continue  # snakemake itself (the workflow parse)
+        ours = {os.path.relpath(f, finished) for f in trace["files"] if f.startswith(str(finished))}
+        job = trace["job"].removesuffix(".py")
+        loaded.setdefault(job, set()).update(
+            f for f in ours if f.startswith(("sdxl/", "workflow_scripts/"))
+        )
+    assert set(loaded) == set(declared) - {"pack_webdataset"}  # the demo packs no tars
+    for job, files in loaded.items():
+        assert files <= declared[job], f"{job} loaded undeclared {sorted(files - declared[job])}"
+    # Left out on purpose: the train job draws no grids (validate_lora does).
+    assert "sdxl/train/validation.py" not in declared["train_lora"]
+    assert "sdxl/train/validation.py" in declared["validate_lora"]
+
+
 def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
     from safetensors.torch import load_file
 
@@ -437,8 +484,9 @@ def test_bad_config_value_fails_at_parse_time_naming_the_key(tmp_path):
 
 
 def test_dataset_scan_matches_the_library(tmp_path):
-    """rules/common.smk lists the dataset files itself (fast parse); both must agree."""
+    """The workflow lists the dataset files itself (a fast parse); both must agree."""
     from sdxl.data.dataset import scan_dataset
+    from sdxl.workflow_inputs import dataset_files
 
     root = tmp_path / "data"
     (root / "sub").mkdir(parents=True)
@@ -455,23 +503,18 @@ def test_dataset_scan_matches_the_library(tmp_path):
         "f.caption",
     ):
         (root / name).write_text("x")
-    namespace = {"config": {"data": {"dir": str(root), "subsets": []}}}
-    source = (ROOT / "rules/common.smk").read_text()
-    start = source.index("DATA_SUFFIXES =")
-    exec(source[start : source.index("\n", start)], namespace)  # the suffix constant
-    func = source[source.index("def dataset_files") : source.index("\ndef train_settings")]
-    exec("import os\n" + func, namespace)
+    config = {"data": {"dir": str(root), "subsets": []}}
     images, captions = scan_dataset(root)
     expected = sorted(str(root / p) for p in (*images, *captions))
-    assert sorted(namespace["dataset_files"](None)) == expected
+    assert sorted(dataset_files(config)) == expected
     # data.subsets: each folder with its own caption extension
-    namespace["config"]["data"]["subsets"] = [{"image_dir": str(root / "sub")},
+    config["data"]["subsets"] = [{"image_dir": str(root / "sub")},
                                               {"image_dir": str(root), "caption_extension": ".caption"}]  # fmt: skip
     found = [*scan_dataset(root / "sub")[0], *scan_dataset(root / "sub")[1]]
     expected = [str(root / "sub" / p) for p in found]
     images, captions = scan_dataset(root, ".caption")
     expected += [str(root / p) for p in (*images, *captions)]
-    assert sorted(namespace["dataset_files"](None)) == sorted(expected)
+    assert sorted(dataset_files(config)) == sorted(expected)
 
 
 def test_lint_is_clean():

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 claim = start(snakemake, gpus=snakemake.resources.gpu)
 
-from sdxl.data.cache import build_text_cache_from_manifest  # noqa: E402
+from sdxl.data.text_cache import build_text_cache_from_manifest  # noqa: E402
 
 hp = snakemake.params.text
 build_text_cache_from_manifest(

@@ -10,6 +10,6 @@ if TYPE_CHECKING:
 
 start(snakemake)
 
-from sdxl.data.cache import merge_latent_index  # noqa: E402
+from sdxl.data.latent_cache import merge_latent_index  # noqa: E402
 
 merge_latent_index(Path(snakemake.output.index).parent, num_shards=len(snakemake.input.meta))

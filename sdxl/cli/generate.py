@@ -15,7 +15,7 @@ from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.generate.coco_prompts import COCO_MODES
 from sdxl.generate.prompts import expand_prompts, load_prompts
 from sdxl.generate.run import GenerateConfig, generate_dataset
-from sdxl.schedulers import SAMPLERS
+from sdxl.sampling.samplers import SAMPLERS
 
 
 def parse_size(text: str) -> tuple[int, int]:

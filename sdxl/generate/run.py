@@ -84,7 +84,7 @@ class GenerateConfig:
     def __post_init__(self):
         from sdxl.generate.coco_prompts import check_coco_mode
         from sdxl.pipeline import check_image_size
-        from sdxl.schedulers import check_sampler
+        from sdxl.sampling.samplers import check_sampler
 
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
@@ -288,6 +288,8 @@ def _generate(cfg: GenerateConfig, indices: list[int], devices: list[str], pipe=
 def _make_images(cfg: GenerateConfig, todo: list[int], device: str, pipe=None,
                  position: int = 0) -> None:  # fmt: skip
     """Generate and write exactly the images at `todo` (the caller did the resume check)."""
+    from sdxl.pipeline import SampleSettings
+
     if not todo:
         return
     pipe = pipe or load_generation_pipeline(cfg, device)
@@ -297,15 +299,15 @@ def _make_images(cfg: GenerateConfig, todo: list[int], device: str, pipe=None,
     # One batch is encoded and written while the next one is generated.
     writer = BackgroundWriter(WRITE_THREADS, max_pending=2 * cfg.batch_size)
     bar = tqdm(total=len(todo), desc=f"images[{device}]", unit="img", position=position)
+    settings = SampleSettings(negative_prompt=cfg.negative_prompt, width=cfg.width,
+                              height=cfg.height, num_inference_steps=cfg.num_inference_steps,
+                              guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
+                              seed=cfg.seed)  # fmt: skip
     with writer, bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
-            images = pipe.generate(
-                [cfg.prompts[i] for i in batch], negative_prompt=cfg.negative_prompt,
-                width=cfg.width, height=cfg.height, num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, seed=cfg.seed,
-                indices=batch, batch_invariant=exact,
-            )  # fmt: skip
+            images = pipe.generate([cfg.prompts[i] for i in batch], settings, indices=batch,
+                                   batch_invariant=exact)  # fmt: skip
             for i, image in zip(batch, images, strict=True):
                 writer.submit(write_item, out, cfg.file_stem(i), image, image_meta(cfg, i),
                               cfg.json_files, caption=cfg.caption_files)  # fmt: skip

@@ -7,90 +7,14 @@ From Natural Language Supervision") whose parameter names equal transformers' ch
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdxl.models.configs import CLIPTextConfig
+
 # Keys some SDXL checkpoints carry that hold no learned state; drop them before a strict load.
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)
-
-_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
-_ACTIVATIONS = ("quick_gelu", "gelu")
-# config.json entries that describe initialisation, tokens, provenance or generation defaults
-# (older transformers wrote every PretrainedConfig attribute), not the network.
-_BOOKKEEPING = frozenset(
-    """
-    architectures bos_token_id pad_token_id sep_token_id decoder_start_token_id
-    initializer_range initializer_factor torch_dtype dtype transformers_version use_bfloat16
-    output_attentions output_hidden_states return_dict use_cache torchscript pruned_heads
-    chunk_size_feed_forward is_encoder_decoder is_decoder add_cross_attention
-    cross_attention_hidden_size tie_encoder_decoder tie_word_embeddings id2label label2id
-    problem_type finetuning_task tokenizer_class prefix task_specific_params tf_legacy_loss
-    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty
-    temperature top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size
-    encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores
-    return_dict_in_generate forced_bos_token_id forced_eos_token_id remove_invalid_values
-    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
-    """.split()  # noqa: SIM905 - a word list reads better than 57 quoted strings
-)
-_ONLY_SUPPORTED = {"model_type": "clip_text_model", "dropout": 0.0, "attention_dropout": 0.0}
-
-
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """The widths and depths that differ between CLIP-L and bigG (and the tiny test models)."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 768
-    eos_token_id: int = 2
-    with_projection: bool = False
-
-    def __post_init__(self) -> None:
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; use one of {_ACTIVATIONS}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be divisible by num_attention_heads")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
-        """Build from a transformers CLIPTextConfig `config.json` dict."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {"with_projection": _with_projection(d.get("architectures"))}
-        for key, value in d.items():
-            if key in fields:
-                kwargs[key] = value
-            elif key in _ONLY_SUPPORTED:
-                if value != _ONLY_SUPPORTED[key]:
-                    raise ValueError(
-                        f"{key}={value!r} is not supported (only {_ONLY_SUPPORTED[key]!r})"
-                    )
-            elif not key.startswith("_") and key not in _BOOKKEEPING:
-                raise ValueError(f"unsupported CLIP text config key {key!r}")
-        return cls(**kwargs)
-
-
-def _with_projection(architectures: list[str] | None) -> bool:
-    """CLIPTextModelWithProjection adds `text_projection`; the bare CLIPTextModel does not."""
-    if not architectures:
-        return False
-    if len(architectures) != 1 or architectures[0] not in _ARCHITECTURES:
-        raise ValueError(
-            f"architectures {architectures!r} is not supported; use one of {sorted(_ARCHITECTURES)}"
-        )
-    return _ARCHITECTURES[architectures[0]]
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -7,88 +7,14 @@ unscaled: callers multiply by `config.scaling_factor` before the UNet and divide
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Keys that must hold exactly this value (the only architecture we implement).
-_FIXED = {
-    "act_fn": "silu",
-    "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-}
-_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-_IGNORED = {"sample_size"}  # only sets diffusers' default tile size
+from sdxl.models.configs import VAEConfig
+
 _EPS = 1e-6  # every GroupNorm in the diffusers VAE
 _DEFAULT_TILE = 64  # latent pixels per tile (512 image pixels) when tile_size is None
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """What varies between AutoencoderKL checkpoints; the defaults are SDXL base."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.13025
-    force_upcast: bool = True
-
-    def __post_init__(self):
-        if not self.block_out_channels:
-            raise ValueError("block_out_channels must not be empty")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"norm_num_groups={self.norm_num_groups} does not divide "
-                    f"block_out_channels entry {c}"
-                )
-
-    @property
-    def downscale(self) -> int:
-        """Image pixels per latent pixel along each side."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        """Build from a diffusers `vae/config.json` dict; reject what we do not implement."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs, block_types = {}, {}
-        for key, value in d.items():
-            if key.startswith("_") or key in _IGNORED:
-                continue
-            if key in _FIXED:
-                if value != _FIXED[key]:
-                    raise ValueError(f"unsupported {key}={value!r}; only {_FIXED[key]!r}")
-            elif key in _BLOCK_TYPES:
-                block_types[key] = value
-            elif key in fields:
-                kwargs[key] = tuple(value) if key == "block_out_channels" else value
-            else:
-                raise ValueError(f"unknown VAE config key {key!r}")
-        cfg = cls(**kwargs)
-        for key, value in block_types.items():
-            _check_block_types(key, value, len(cfg.block_out_channels))
-        return cfg
-
-
-def _check_block_types(key: str, value: list, levels: int) -> None:
-    """Down/up block types must be the plain VAE blocks, one per level."""
-    want = _BLOCK_TYPES[key]
-    if any(t != want for t in value):
-        raise ValueError(f"unsupported {key}={value!r}; only {want!r} blocks")
-    if len(value) != levels:
-        raise ValueError(f"{key} has {len(value)} entries but block_out_channels has {levels}")
-
 
 # ----------------------------------------------------------------------------- leaf modules
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from sdxl.data.cache import CachedDataset
+from sdxl.data.cached_dataset import CachedDataset
 from sdxl.train.data_order import rank_rows
 
 SHARED = ("prompt_embeds", "pooled")  # the same for both variants of an item

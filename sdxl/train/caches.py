@@ -38,12 +38,14 @@ MAX_NAMED = 3  # changed files named in a log line
 
 @dataclass(frozen=True)
 class Caches:
-    """The caches a run trains on, and `data_key`: what made them (recorded in checkpoints)."""
+    """The caches a run trains on, `data_key`: what made them (recorded in checkpoints), and
+    `expect`: the latent settings the run needs of them (CachedDataset checks them)."""
 
     model_dir: Path
     latent_dir: Path
     text_dir: Path
     data_key: dict  # {"digest": str, "settings": {TrainConfig field: value}}
+    expect: dict  # {latent setting: value}, see expected_latents
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def read_scheduler_config(model_dir: Path) -> tuple[dict, Path]:
 
 def is_cache_pair(path: Path) -> bool:
     """A folder holding a finished latent cache in latents/ and text cache in text/."""
-    from sdxl.data.cache import is_cache_dir
+    from sdxl.data.cached_dataset import is_cache_dir
 
     return is_cache_dir(path / "latents", "latents") and is_cache_dir(path / "text", "text")
 
@@ -121,6 +123,16 @@ def cache_settings(cfg: TrainConfig, dist: DistInfo) -> dict:
 def cache_flips(cfg: TrainConfig) -> bool:
     """Whether mirrored latents are cached: when any subset trains with flips."""
     return any(plan.flip for plan in cfg.subset_plans)
+
+
+def expected_latents(cfg: TrainConfig, pipeline: bool) -> dict:
+    """The latent settings the run needs: of a pipeline-built cache only its image size (the
+    buckets; how its items are visited is the run's), of one built here also crop, flips, seed."""
+    from sdxl.data.latent_cache import sample_settings
+
+    if pipeline:
+        return {"image_size": cfg.image_size}
+    return sample_settings(cfg.image_size, not cfg.center_crop, cache_flips(cfg), cfg.seed)
 
 
 def text_dtype(cfg: TrainConfig, dist: DistInfo) -> str:
@@ -282,33 +294,24 @@ def prepare_caches(
         _build(cfg, model_dir, build, folder, dist)
     barrier()
     if pipeline:
-        _check_cache_size(cfg, data)
         key = {"digest": digest([_index_bytes(data, k) for k in ("latents", "text")]),
                "settings": {}}  # fmt: skip
     else:
         inputs = _read_inputs(folder)
         key = {"digest": digest(inputs), "settings": inputs["settings"]}
-    return Caches(model_dir, folder / "latents", folder / "text", key)
+    expect = expected_latents(cfg, pipeline)
+    return Caches(model_dir, folder / "latents", folder / "text", key, expect)
 
 
 def _index_bytes(folder: Path, kind: str) -> str:
     return (folder / kind / "index.json").read_text(encoding="utf-8")
 
 
-def _check_cache_size(cfg: TrainConfig, folder: Path) -> None:
-    """A pipeline cache was built at one size: config.json and the metadata must say that one."""
-    size = json.loads(_index_bytes(folder, "latents")).get("image_size")
-    if size is not None and size != cfg.image_size:
-        raise UserError(
-            f"--data_dir {folder} holds latents cached at {size} px but --image_size is "
-            f"{cfg.image_size}; pass --image_size {size}, or the raw image folder to re-cache"
-        )
-
-
 def _build(cfg: TrainConfig, model_dir: Path, build: CacheBuild, cache: Path, dist) -> None:
     """Write the key first, then the caches (resumable shard by shard under the same key)."""
-    from sdxl.data.cache import build_latent_cache, build_text_cache
     from sdxl.data.dataset import write_problems
+    from sdxl.data.latent_cache import build_latent_cache
+    from sdxl.data.text_cache import build_text_cache
 
     if _read_inputs(cache) != build.inputs and cache.exists():
         log.info("rebuilding the cache in %s: %s", cache, build.reason)

@@ -1,156 +1,261 @@
-"""Every setting of a training run, validated once and written as config.json beside the outputs."""
+"""Every setting of a training run, validated once and written as config.json beside the outputs.
+
+Each field is described once, where it is declared (`setting`): its help text and choices
+(sdxl/cli/train.py builds its parser from them), its flag where the original project's name
+differs, and its group: how a change relates to what a run learns, which the trainer's resume
+check and the workflow's rerun decisions both read (RUNTIME_SETTINGS ... RESUME_SAFE below).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from types import NoneType
 
+from sdxl import config_fields
 from sdxl.dataset_config import Subset, SubsetPlan, plan_subsets
 from sdxl.errors import UserError
 from sdxl.train.sample_prompts import SamplePrompt, sample_prompts
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-LORA_TYPES = ("lora", "dora")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
-REPORT_TO = ("none", "tensorboard", "wandb", "all")  # diffusers' --report_to
-LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
-DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
-PREDICTIONS = ("epsilon", "v_prediction")
-CHECKPOINTING_MODES = ("full", "selective")  # what gradient_checkpointing recomputes
-COMPILE_MODES = ("full", "regional")
-
-
-# How each setting relates to what a run learns. One place: the trainer's resume check and the
-# workflow's rerun decisions both read these.
-# Speed, logging and bookkeeping: a checkpoint made under other values resumes, and the workflow
-# reruns nothing when they change. (compile and fused_qkv change float rounding, not the maths.)
-RUNTIME_SETTINGS = ("compile", "compile_mode", "cuda_graphs", "checkpointing_mode",
-                    "gradient_checkpointing", "fused_qkv", "log_interval", "report_to",
-                    "logging_dir", "wandb_project", "wandb_run_name", "checkpoint_steps",
-                    "save_interval", "device", "output_dir", "resume_from", "data_dir",
-                    "cache_batch_size", "config_source")  # fmt: skip
+# The groups. Learned: a change is another run; no checkpoint of the old one resumes.
+LEARNED = "learned"
+# Paths, speed, logging and bookkeeping: a checkpoint made under other values resumes, and the
+# workflow reruns nothing when they change. (compile and fused_qkv change float rounding, not
+# the maths.)
+RUNTIME = "runtime"
 # Validation grids: drawn during training by the CLI, by their own rule in the workflow.
-VALIDATION_SETTINGS = ("validation_prompts", "validation_interval", "num_validation_images",
-                       "validation_guidance_scale", "validation_steps", "sample_prompts",
-                       "sample_every_n_steps", "sample_every_n_epochs")  # fmt: skip
+VALIDATION = "validation"
 # How long to train: a longer run continues a shorter one (unless the schedule decays).
-LENGTH_SETTINGS = ("num_epochs", "max_steps")
+LENGTH = "length"
 # Which LoRA snapshots a run keeps: checked against the files when a run continues.
-SNAPSHOT_SETTINGS = ("save_every_n_steps", "save_every_n_epochs", "save_last_n", "output_name")
+SNAPSHOT = "snapshot"
+
+DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def setting(default=MISSING, help: str = "", *, group: str = LEARNED, choices: tuple = (),
+            flags: tuple[str, ...] | None = None, cli: dict | None = None):  # fmt: skip
+    """A TrainConfig field and its description: `choices` are the CLI's and checked; `flags` are
+    the CLI's names where they are not --<field> (`()`: no flag); `cli`, more argparse arguments."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "flags": flags, "cli": cli or {}})  # fmt: skip
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Flag names and defaults follow the original project's train_sdxl.py."""
 
-    data_dir: str
-    output_dir: str = "./outputs"
-    pretrained_model: str = "./weights/sdxl-base-1.0"  # folder, Hub repo id or single file
-    config_source: str | None = None  # single files: where configs and tokenizers come from
-    vae_model: str | None = None
+    # --dataset_config may stand in for data_dir on the command line (sdxl/cli/train.py).
+    data_dir: str = setting(
+        help="image+caption folder, or a cache folder built by the pipeline (or --dataset_config)",
+        group=RUNTIME, cli={"default": ""},
+    )  # fmt: skip
+    output_dir: str = setting("./outputs", group=RUNTIME)
+    pretrained_model: str = setting(
+        "./weights/sdxl-base-1.0",
+        "diffusers SDXL folder, Hugging Face repo id (downloaded once), single-file "
+        ".safetensors (converted once into ~/.cache/sdxl-pipeline/models) or builtin:tiny",
+    )
+    config_source: str | None = setting(
+        None,
+        "single files: a diffusers folder or Hub id with the configs and tokenizers "
+        "(default: SDXL base 1.0's, fetched once)",
+        group=RUNTIME,
+    )
+    vae_model: str | None = setting(
+        None, "optional diffusers VAE folder used to encode the latents"
+    )
     # LoRA
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_target_mode: str = "attention"
-    lora_targets: tuple[str, ...] = ()
-    lora_conv: bool = False
-    lora_type: str = "lora"  # "lora" or "dora" (weight-decomposed LoRA, LyCORIS dora_wd)
+    lora_rank: int = setting(8)
+    lora_alpha: float = setting(32.0)
+    lora_dropout: float = setting(0.0)
+    lora_target_mode: str = setting(
+        "attention",
+        choices=("attention", "attention_out", "all"),  # sdxl.lora.TARGETS
+    )
+    lora_targets: tuple[str, ...] = setting(
+        (), "regexes over UNet module paths (overrides the mode)", cli={"nargs": "+"}
+    )
+    lora_conv: bool = setting(False, "also train LoRA on resnet convs (LoCon)")
+    lora_type: str = setting(
+        "lora",
+        "dora: weight-decomposed LoRA (DoRA, LyCORIS dora_wd), saved with dora_scale keys",
+        choices=("lora", "dora"),
+    )
     # optimisation
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    num_epochs: int = 10
-    max_steps: int | None = None
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: cosine decays from the base rate
-    lr_scheduler_power: float = 1.0  # polynomial: (1 - progress) ** power (1: linear)
-    warmup_steps: int = 0
-    adam_weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False  # the original flag: the same as optimizer adamw8bit
-    optimizer: str = "adamw"
-    optimizer_args: tuple[str, ...] = ()  # kohya's key=value extras for the optimizer
-    max_grad_norm: float = 1.0
-    precision: str = "bf16"
-    gradient_checkpointing: bool = True
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    # speed (sdxl/train/step.py); compile None = on for CUDA, off on the CPU. CUDA graphs are
-    # opt-in (None = wherever the step can be captured) until a GPU run has verified them.
-    compile: bool | None = None
-    compile_mode: str = "full"
-    cuda_graphs: bool | None = False
-    checkpointing_mode: str = "full"  # with gradient_checkpointing: full or selective recompute
-    fused_qkv: bool = False  # one GEMM for each attention's q/k/v (files keep the names)
+    batch_size: int = setting(1)
+    gradient_accumulation_steps: int = setting(1)
+    num_epochs: int = setting(10, group=LENGTH)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps", group=LENGTH)
+    learning_rate: float = setting(1e-4)
+    lr_scheduler: str = setting("constant", choices=("constant", *DECAYING_SCHEDULES))
+    lr_scheduler_num_cycles: int = setting(
+        1, "cosine_with_restarts: how many times the cosine starts again from the base rate"
+    )
+    lr_scheduler_power: float = setting(1.0, "polynomial: the decay's power (1: linear)")
+    warmup_steps: int = setting(0)
+    adam_weight_decay: float = setting(1e-2)
+    adam_beta1: float = setting(0.9)
+    adam_beta2: float = setting(0.999)
+    adam_epsilon: float = setting(1e-8)
+    use_8bit_adam: bool = setting(
+        False, "bitsandbytes AdamW8bit (the same as --optimizer adamw8bit)", flags=("--8_bit_adam",)
+    )
+    optimizer: str = setting(
+        "adamw",
+        "adamw (torch, fused), adamw8bit (bitsandbytes), prodigy (prodigyopt), adafactor "
+        "(torch), lion (lion-pytorch); `uv sync --extra optimizers` installs the packages",
+        choices=("adamw", "adamw8bit", "prodigy", "adafactor", "lion"),
+    )
+    optimizer_args: tuple[str, ...] = setting(
+        (),
+        "extra optimizer arguments as kohya writes them, e.g. d_coef=2.0 decouple=True",
+        cli={"nargs": "*", "metavar": "KEY=VALUE"},
+    )
+    max_grad_norm: float = setting(1.0, "<= 0 disables clipping")
+    precision: str = setting("bf16", choices=("bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = setting(True, group=RUNTIME)
+    use_ema: bool = setting(False)
+    ema_decay: float = setting(0.9999)
+    # speed (sdxl/train/step.py). CUDA graphs are opt-in until a GPU run has verified them.
+    compile: bool | None = setting(
+        None, "torch.compile the training step (default: on for CUDA, off on the CPU)",
+        group=RUNTIME,
+    )  # fmt: skip
+    compile_mode: str = setting(
+        "full", "full: the whole loss as one graph; regional: each transformer block and resnet",
+        group=RUNTIME, choices=("full", "regional"),
+    )  # fmt: skip
+    cuda_graphs: bool | None = setting(
+        False,
+        "replay each bucket's whole step as one CUDA graph (opt-in until verified on a GPU)",
+        group=RUNTIME,
+    )
+    checkpointing_mode: str = setting(
+        "full",
+        "with --gradient_checkpointing: recompute whole blocks, or keep attention outputs",
+        group=RUNTIME, choices=("full", "selective"),
+    )  # fmt: skip
+    fused_qkv: bool = setting(
+        False, "run each attention's q/k/v as one GEMM (the files keep the names)", group=RUNTIME
+    )
     # objective
-    prediction_type: str | None = None  # None: the model's (scheduler_config.json)
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    caption_dropout: float = 0.0
+    prediction_type: str | None = setting(
+        None, "the model's objective (default: what its scheduler_config.json says)",
+        choices=("epsilon", "v_prediction"),
+    )  # fmt: skip
+    min_snr_gamma: float | None = setting(
+        None, "min-SNR-gamma weighting (off unless set; 5 is usual)"
+    )
+    noise_offset: float = setting(0.0)
+    caption_dropout: float = setting(
+        0.0,
+        "probability of an empty caption",
+        flags=("--caption_dropout", "--caption_dropout_rate"),
+    )
     # text encoders (sdxl/train/text_encoding.py): with any of these on, captions are encoded
     # in each step instead of read from the text cache. kohya's names and semantics.
-    train_text_encoder: bool = False  # LoRA on both CLIP encoders too (same rank and alpha)
-    text_encoder_lr: float | None = None  # the text encoders' LoRA rate (None: learning_rate)
-    unet_lr: float | None = None  # the UNet LoRA's rate (None: learning_rate)
-    shuffle_caption: bool = False  # shuffle the ","-separated pieces of a caption each time
-    keep_tokens: int = 0  # with shuffle_caption: the first N pieces stay in front
-    timestep_min: int = 0
-    timestep_max: int | None = None  # None: the schedule's num_train_timesteps
-    # data
-    # kohya's dataset subsets (sdxl/dataset_config.py: --dataset_config, the pipeline's
-    # data.subsets); empty: data_dir is the one folder (or a pipeline cache of one).
-    subsets: tuple[Subset, ...] = ()
-    prior_loss_weight: float = 1.0  # kohya's: the loss weight of is_reg (regularization) items
-    image_size: int = 1024
-    center_crop: bool = False
-    random_flip: bool = True
-    min_image_size: int = 64
-    strict_data: bool = False
-    cache_batch_size: int = 4
-    # checkpoints, snapshots and logging
-    save_interval: int = 1
-    checkpoint_steps: int = 0
-    save_every_n_steps: int = 0  # a loadable <output_name>-stepNNNNNNNN.safetensors (0: off)
-    save_every_n_epochs: int = 0  # kohya's: also one at the end of every Nth epoch (0: off)
-    save_last_n: int = 0  # keep only the newest N snapshots and step checkpoints (0: all)
-    output_name: str = "lora"  # the snapshots' file name prefix
-    resume_from: str | None = "auto"
-    log_interval: int = 10
-    report_to: str = (
-        "none"  # also where metrics go besides metrics.csv; wandb_project implies wandb
+    train_text_encoder: bool = setting(
+        False, "also train a LoRA on both text encoders (kohya's; text is then encoded each step)"
     )
-    logging_dir: str | None = None  # TensorBoard's folder; None: output_dir/logs
-    wandb_project: str | None = None
-    wandb_run_name: str | None = None
-    validation_prompts: tuple[str, ...] = ()
-    validation_interval: int = 0
-    num_validation_images: int = 4
-    validation_guidance_scale: float = 7.5
-    validation_steps: int = 20
-    # kohya's names (sdxl/train/sample_prompts.py): the --sample_prompts file the prompts were
-    # read from (its lines are validation_prompts); sample_every_n_steps is validation_interval.
-    sample_prompts: str | None = None
-    sample_every_n_steps: int = 0
-    sample_every_n_epochs: int = 0  # also a grid at the end of every Nth epoch (0: off)
-    device: str = "auto"
-    seed: int = 0
+    text_encoder_lr: float | None = setting(
+        None, "the text encoders' LoRA learning rate (default: --learning_rate)"
+    )
+    unet_lr: float | None = setting(
+        None, "the UNet LoRA's learning rate (default: --learning_rate)"
+    )
+    shuffle_caption: bool = setting(
+        False, "shuffle each caption's comma-separated tags every time it is seen (kohya's)"
+    )
+    keep_tokens: int = setting(0, "with --shuffle_caption: keep the first N tags in front")
+    timestep_min: int = setting(0)
+    timestep_max: int | None = setting(
+        None, "exclusive upper timestep (default: the schedule's num_train_timesteps)"
+    )
+    # data
+    subsets: tuple[Subset, ...] = setting(
+        (),
+        "kohya's dataset subsets (sdxl/dataset_config.py: --dataset_config, the pipeline's "
+        "data.subsets); empty: data_dir is the one folder (or a pipeline cache of one)",
+        flags=(),
+    )
+    prior_loss_weight: float = setting(
+        1.0, "loss weight of regularization (is_reg) images, kohya's"
+    )
+    image_size: int = setting(1024, "bucket area = image_size^2 (512 or 1024 families)")
+    center_crop: bool = setting(False, "center crop instead of random crop")
+    random_flip: bool = setting(True)
+    min_image_size: int = setting(64)
+    strict_data: bool = setting(False, "fail on any bad dataset item instead of skipping it")
+    cache_batch_size: int = setting(4, group=RUNTIME, flags=())
+    # checkpoints, snapshots and logging
+    save_interval: int = setting(1, "checkpoint every N epochs", group=RUNTIME)
+    checkpoint_steps: int = setting(0, "checkpoint every N steps (0: off)", group=RUNTIME)
+    save_every_n_steps: int = setting(
+        0, "also write <output_name>-stepNNNNNNNN.safetensors every N steps (0: off)",
+        group=SNAPSHOT,
+    )  # fmt: skip
+    save_every_n_epochs: int = setting(
+        0, "also write that snapshot at the end of every N epochs (kohya's; 0: off)",
+        group=SNAPSHOT,
+    )  # fmt: skip
+    save_last_n: int = setting(
+        0, "keep only the newest N snapshots and step checkpoints (0: all)", group=SNAPSHOT
+    )
+    output_name: str = setting("lora", "file name prefix of the snapshots", group=SNAPSHOT)
+    resume_from: str | None = setting(
+        "auto",
+        "checkpoint path, 'auto' (the newest in output_dir that this run can continue: "
+        "a longer run continues a shorter one) or 'none'",
+        group=RUNTIME,
+    )
+    log_interval: int = setting(10, group=RUNTIME)
+    report_to: str = setting(
+        "none",
+        "where metrics (and validation grids) go besides metrics.csv; --wandb_project "
+        "alone also means wandb",
+        group=RUNTIME, choices=("none", "tensorboard", "wandb", "all"),  # diffusers' --report_to
+    )  # fmt: skip
+    logging_dir: str | None = setting(
+        None, "TensorBoard's folder (default: output_dir/logs)", group=RUNTIME
+    )
+    wandb_project: str | None = setting(None, group=RUNTIME)
+    wandb_run_name: str | None = setting(None, group=RUNTIME)
+    # The prompt lines of sample_prompts (on the command line) or of config.yaml.
+    validation_prompts: tuple[str, ...] = setting((), group=VALIDATION, flags=())
+    validation_interval: int = setting(
+        0, "steps between grids (0: off; grids at step 0 and the end come with any prompts)",
+        group=VALIDATION,
+    )  # fmt: skip
+    num_validation_images: int = setting(4, group=VALIDATION)
+    validation_guidance_scale: float = setting(7.5, group=VALIDATION)
+    validation_steps: int = setting(20, group=VALIDATION)
+    # kohya's names (sdxl/train/sample_prompts.py): sample_prompts is the file the prompts were
+    # read from (recorded with its lines); sample_every_n_steps is validation_interval.
+    sample_prompts: str | None = setting(
+        None,
+        "prompts for sample grids, one per line, each may end with kohya's --n negative "
+        "--w W --h H --d seed --s steps --l cfg (--sample_prompts: kohya's name)",
+        group=VALIDATION, flags=("--validation_caption_file", "--sample_prompts"),
+    )  # fmt: skip
+    sample_every_n_steps: int = setting(
+        0, "kohya's name for --validation_interval", group=VALIDATION
+    )
+    sample_every_n_epochs: int = setting(
+        0, "also a grid at the end of every Nth epoch (0: off)", group=VALIDATION
+    )
+    device: str = setting("auto", group=RUNTIME, cli={"choices": ("auto", "cpu", "cuda")})
+    seed: int = setting(0)
 
     def __post_init__(self):
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("lora_type", self.lora_type, LORA_TYPES)
-        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("report_to", self.report_to, REPORT_TO)
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), f.metadata["choices"]
+            if allowed and value not in allowed and not (value is None and f.name in OPTIONAL):
+                raise ValueError(f"{f.name} must be one of {allowed}, got {value!r}")
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(
                 f"use_8bit_adam is AdamW8bit; it contradicts optimizer {self.optimizer!r}"
             )
-        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        _choice("checkpointing_mode", self.checkpointing_mode, CHECKPOINTING_MODES)
-        if self.prediction_type is not None:
-            _choice("prediction_type", self.prediction_type, PREDICTIONS)
         for key in ("batch_size", "gradient_accumulation_steps", "num_epochs", "lora_rank",
                     "image_size", "save_interval", "log_interval", "validation_steps"):  # fmt: skip
             if getattr(self, key) < 1:
@@ -240,20 +345,34 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """Build from a dict (config.yaml slice or config.json); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; valid: {sorted(known)}")
         values = dict(values)
-        for key in ("lora_targets", "validation_prompts", "optimizer_args"):
-            if key in values and values[key] is not None:
+        for key in SEQUENCES:  # lists in YAML and JSON
+            if values.get(key) is not None:
                 values[key] = tuple(values[key])
-        if values.get("subsets"):
-            values["subsets"] = tuple(
-                s if isinstance(s, Subset) else Subset.from_dict(s, f"subsets[{i}]")
-                for i, s in enumerate(values["subsets"])
-            )
-        return cls(**values)
+        values["subsets"] = tuple(
+            s if isinstance(s, Subset) else Subset.from_dict(s, f"subsets[{i}]")
+            for i, s in enumerate(values.get("subsets") or ())
+        )
+        return config_fields.from_dict(cls, values, "training settings")
+
+
+# Each field's type (str | None, tuple[str, ...], ...): the parser's and from_dict's guide.
+TYPES = typing.get_type_hints(TrainConfig)
+OPTIONAL = frozenset(name for name, kind in TYPES.items() if NoneType in typing.get_args(kind))
+SEQUENCES = tuple(name for name, kind in TYPES.items() if typing.get_origin(kind) is tuple)
+
+
+def _group(group: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata["group"] == group)
+
+
+RUNTIME_SETTINGS = _group(RUNTIME)
+VALIDATION_SETTINGS = _group(VALIDATION)
+LENGTH_SETTINGS = _group(LENGTH)
+SNAPSHOT_SETTINGS = _group(SNAPSHOT)
+# Settings that may change between a run and its resumption without changing what is learned
+# (the length: see Trainer._resume for decaying schedules; snapshots: checked against the files).
+RESUME_SAFE = frozenset(f.name for f in fields(TrainConfig) if f.metadata["group"] != LEARNED)
 
 
 def for_model(cfg: TrainConfig, scheduler_config: dict, source: str) -> TrainConfig:
@@ -278,8 +397,3 @@ def for_model(cfg: TrainConfig, scheduler_config: dict, source: str) -> TrainCon
     if cfg.timestep_min >= top:
         raise UserError(f"--timestep_min {cfg.timestep_min} must be below {top}")
     return replace(cfg, prediction_type=model_pred, timestep_max=top)
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from sdxl import lora_formats
+from sdxl.lora_formats.kohya import save_kohya
+from sdxl.lora_formats.layout import UNetLayout
+from sdxl.lora_formats.seed import save_seed_pt
 from sdxl.train.config import TrainConfig
 
 
@@ -80,11 +82,10 @@ def write_kohya_file(path: Path, unet: torch.nn.Module, cfg: TrainConfig, facts:
     `text`: the text encoders' LoRA state (prefixed keys), written as lora_te1_/lora_te2_."""
     from sdxl.lora import lora_state_dict
 
-    layout = lora_formats.UNetLayout.from_module_names([n for n, _ in unet.named_modules()])
+    layout = UNetLayout.from_config(unet.config)
     state = {**lora_state_dict(unet), **(text or {})}
-    lora_formats.save_kohya(path, state, training_metadata(cfg, facts, optimizer_label),
-                            layout=layout, resolution=cfg.image_size,
-                            prediction_type=cfg.prediction_type)  # fmt: skip
+    save_kohya(path, state, training_metadata(cfg, facts, optimizer_label), layout=layout,
+               resolution=cfg.image_size, prediction_type=cfg.prediction_type)  # fmt: skip
 
 
 def write_lora_files(out: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: RunFacts,
@@ -93,5 +94,5 @@ def write_lora_files(out: Path, unet: torch.nn.Module, cfg: TrainConfig, facts: 
     the seed's lora_final.pt (UNet only: the seed's format has no text encoders)."""
     from sdxl.lora import lora_state_dict
 
-    lora_formats.save_seed_pt(out / "lora_final.pt", lora_state_dict(unet), step=facts.steps)
+    save_seed_pt(out / "lora_final.pt", lora_state_dict(unet), step=facts.steps)
     write_kohya_file(out / "lora_final.safetensors", unet, cfg, facts, optimizer_label, text)

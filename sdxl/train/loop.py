@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sdxl.data.cache import CachedDataset
+from sdxl.data.cached_dataset import CachedDataset
 from sdxl.dataset_config import SubsetPlan
 from sdxl.errors import UserError
 from sdxl.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
-from sdxl.schedulers import NoiseSchedule
+from sdxl.noise_schedule import NoiseSchedule
 from sdxl.train import distributed
 from sdxl.train.batches import read_ahead, read_rows
 from sdxl.train.caches import (
@@ -42,14 +42,7 @@ from sdxl.train.checkpoint import (
     save_checkpoint,
     step_checkpoint_path,
 )
-from sdxl.train.config import (
-    LENGTH_SETTINGS,
-    RUNTIME_SETTINGS,
-    SNAPSHOT_SETTINGS,
-    VALIDATION_SETTINGS,
-    TrainConfig,
-    for_model,
-)
+from sdxl.train.config import RESUME_SAFE, TrainConfig, for_model
 from sdxl.train.data_order import epoch_batches, epoch_visits, step_generator
 from sdxl.train.ema import LoRAEMA
 from sdxl.train.export import RunFacts, optimizer_name, write_kohya_file, write_lora_files
@@ -71,20 +64,15 @@ from sdxl.utils import atomic_write_text, to_dtype
 log = logging.getLogger(__name__)
 
 
-class StopTraining(Exception):
-    """Raised by the `stop_after` test hook to simulate a killed job after a checkpoint."""
-
-
 class Trainer:
     """Holds the state of one run; `run()` trains to the end (or resumes and finishes)."""
 
-    def __init__(self, cfg: TrainConfig, caches: Caches, dist: distributed.DistInfo,
-                 stop_after: int | None = None):  # fmt: skip
-        self.cfg, self.caches, self.dist, self.stop_after = cfg, caches, dist, stop_after
+    def __init__(self, cfg: TrainConfig, caches: Caches, dist: distributed.DistInfo):
+        self.cfg, self.caches, self.dist = cfg, caches, dist
         self.out = Path(cfg.output_dir)
         self.dtype = to_dtype(cfg.precision)
         self.model_dir = caches.model_dir
-        self.data = CachedDataset(caches.latent_dir, caches.text_dir)
+        self.data = CachedDataset(caches.latent_dir, caches.text_dir, caches.expect)
         self.plans = checked_subset_plans(cfg, self.data)
         self.samples, self.partner = training_samples(self.data, self.plans)
         self.visits = epoch_visits(*self._repeats())
@@ -449,8 +437,6 @@ class Trainer:
                     self._sample(metrics, validator, step)
                 if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
                     self.save(step_checkpoint_path(self.out, step))
-                if self.stop_after is not None and step >= self.stop_after:
-                    raise StopTraining(f"stopped after step {step}")
                 if step >= total:
                     break
             if self.position.step_in_epoch >= len(groups):
@@ -538,11 +524,6 @@ class Trainer:
         distributed.barrier()
 
 
-# Settings that may change between a run and its resumption without changing what is learned
-# (the length: see Trainer._resume for decaying schedules; snapshots: checked against the files).
-RESUME_SAFE = {*RUNTIME_SETTINGS, *VALIDATION_SETTINGS, *LENGTH_SETTINGS, *SNAPSHOT_SETTINGS}
-
-
 def check_resumable(
     saved: dict, cfg: TrainConfig, path: Path, ignore: set[str] = frozenset()
 ) -> None:
@@ -605,7 +586,7 @@ def resume_source(cfg: TrainConfig) -> Path | str | None:
     return Path(source)
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
+def train(cfg: TrainConfig) -> Path:
     """Train a LoRA as `cfg` says; returns the output folder.
 
     Everything that can be checked without writing is checked first (model folder, settings
@@ -622,6 +603,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         build = plan_caches(cfg, model_dir, dist)
         with output_lock(cfg.output_dir, dist):
             caches = prepare_caches(cfg, model_dir, build, dist)
-            return Trainer(cfg, caches, dist, stop_after).run()
+            return Trainer(cfg, caches, dist).run()
     finally:
         distributed.teardown()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdxl.schedulers import NoiseSchedule
+from sdxl.noise_schedule import NoiseSchedule
 from sdxl.train.config import TrainConfig
 
 

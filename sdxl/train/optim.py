@@ -139,18 +139,10 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int, base: float | None = No
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate; a tensor rate is filled in place (graphs read it there)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
 def set_group_lrs(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
                   total_steps: int) -> None:  # fmt: skip
-    """Each group's rate at `step`: the schedule applied to its `base_lr` (see param_groups)."""
+    """Each group's rate at `step`: the schedule applied to its `base_lr` (see param_groups); a
+    tensor rate is filled in place (CUDA graphs read it there)."""
     for group in optimizer.param_groups:
         lr = lr_at(step, cfg, total_steps, group.get("base_lr"))
         if isinstance(group["lr"], torch.Tensor):

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdxl.errors import UserError
-from sdxl.schedulers import NoiseSchedule
+from sdxl.noise_schedule import NoiseSchedule
 from sdxl.train import distributed
 from sdxl.train.config import TrainConfig
 from sdxl.train.data_order import rank_rows
 from sdxl.train.ema import LoRAEMA
 from sdxl.train.loss import StepNoise
-from sdxl.train.optim import set_lr, skips_on_device
+from sdxl.train.optim import skips_on_device
 from sdxl.utils import to_dtype
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class TrainStep:
             self.optimizer.found_inf = self.found_inf  # read by the fused kernel at each step
 
     def _tensor_lr(self) -> None:
-        """A fused optimizer's learning rate as a device tensor, filled in place by `set_lr`.
+        """A fused optimizer's learning rate as a device tensor, filled in place by `set_group_lrs`.
 
         (Also after a resume: a loaded state dict brings its own, host-side, value.)
         """
@@ -142,9 +142,6 @@ class TrainStep:
         return None
 
     # ------------------------------------------------------------------ staging
-
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
 
     def stage(self, host: dict[str, torch.Tensor], rnd: StepNoise, slot: int = 0) -> dict:
         """Copy a micro-batch (host rows + this rank's draws) into its static device buffers.

@@ -19,20 +19,20 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from sdxl import schedulers
+from sdxl.conditioning import TextConditioning, encode_text
 from sdxl.images import make_grid
-from sdxl.pipeline import decode_latents, guided_model, to_pil
-from sdxl.text import encode_prompts, load_tokenizers
+from sdxl.pipeline import SampleSettings, SDXLPipeline, to_pil
+from sdxl.text import load_tokenizers
 from sdxl.train.sample_prompts import SamplePrompt
 from sdxl.utils import atomic_path, atomic_write_text
-from sdxl.weights import load_component
+from sdxl.weights import load_component, load_vae
 
 log = logging.getLogger(__name__)
 GRID_KEY = "sdxl-validation"  # the PNG text chunk with what a grid was drawn from
 
 
 class Validator:
-    """Draws `samples` side by side with Euler; saves a grid per call."""
+    """Draws `samples` side by side through the generation pipeline (Euler); saves a grid per call."""
 
     def __init__(self, model_dir: Path, samples: list[SamplePrompt], scheduler_config: dict):
         from sdxl.weights import model_identity
@@ -46,22 +46,16 @@ class Validator:
                     for n in ("text_encoder", "text_encoder_2")]  # fmt: skip
         self.encode(load_tokenizers(model_dir), encoders)
         del encoders
-        self.vae = load_component(model_dir, "vae", dtype=torch.float32, device="cpu")
+        self.vae = load_vae(model_dir, device="cpu", dtype=torch.float32)
         self.key = json.dumps({"samples": [asdict(s) for s in self.samples],
                                "model_id": model_identity(model_dir)}, sort_keys=True)  # fmt: skip
         self.drawn: set[int] = set()  # steps this validator has drawn
 
     def encode(self, tokenizers, encoders) -> None:
-        """Each prompt's conditioning and its negative's; an empty negative is all zeros when
-        the model says so (force_zeros_for_empty_prompt), as generation does."""
-        self.embeds, self.pooled = encode_prompts(tokenizers, encoders,
-                                                  [s.prompt for s in self.samples])  # fmt: skip
-        neg_embeds, neg_pooled = encode_prompts(tokenizers, encoders,
-                                                [s.negative for s in self.samples])  # fmt: skip
-        if self.zero_empty:
-            empty = torch.tensor([not s.negative for s in self.samples])
-            neg_embeds[empty], neg_pooled[empty] = 0.0, 0.0
-        self.neg_embeds, self.neg_pooled = neg_embeds, neg_pooled
+        """Encode the prompts (one batch) and their negatives (another) with these encoders;
+        an empty negative is all zeros when the model says so, as generation encodes it."""
+        self.text = encode_text(tokenizers, encoders, [s.prompt for s in self.samples],
+                                [s.negative for s in self.samples], zero_empty=self.zero_empty)  # fmt: skip
 
     def run(
         self, unet: torch.nn.Module, step: int, out_dir: Path, keep: bool = False
@@ -94,21 +88,15 @@ class Validator:
 
     def image(self, unet: torch.nn.Module, k: int) -> Image.Image:
         """Sample k as generate_images.py would draw it (Euler, its seed, size, steps, cfg)."""
-        s, param = self.samples[k], next(unet.parameters())
-        embeds, pooled = self.embeds[k : k + 1], self.pooled[k : k + 1]
-        time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]])
-        if s.guidance > 1.0:  # negatives first, as the generation pipeline
-            embeds = torch.cat([self.neg_embeds[k : k + 1], embeds])  # (2, 77, D)
-            pooled = torch.cat([self.neg_pooled[k : k + 1], pooled])
-            time_ids = torch.cat([time_ids, time_ids])
-        cond = {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
-        cond = {key: v.to(param.device, param.dtype) for key, v in cond.items()}
-        gen = torch.Generator("cpu").manual_seed(s.seed)
-        noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=gen)  # (1, 4, H/8, W/8)
-        model = guided_model(unet, cond, s.guidance, 0.0)
-        latents = schedulers.sample("euler", model, noise.to(param.device), s.steps,
-                                    self.scheduler_config, generators=[gen])  # fmt: skip
-        return to_pil(decode_latents(self.vae, latents))[0]
+        s, t = self.samples[k], self.text
+        pipe = SDXLPipeline(unet=unet, vae=self.vae, text_encoders=(), tokenizers=(),
+                            scheduler_config=self.scheduler_config)  # prompts: in self.text  # fmt: skip
+        settings = SampleSettings(negative_prompt=s.negative, width=s.width, height=s.height,
+                                  num_inference_steps=s.steps, guidance_scale=s.guidance,
+                                  sampler="euler", seed=s.seed)  # fmt: skip
+        text = TextConditioning(t.embeds[k : k + 1], t.pooled[k : k + 1],
+                                t.neg_embeds[k : k + 1], t.neg_pooled[k : k + 1])  # fmt: skip
+        return to_pil(pipe.decode(pipe.sample_latents(text, settings)))[0]
 
 
 def validate_run(lora_files: dict[int, Path | None], model_dir: Path, samples: list[SamplePrompt],

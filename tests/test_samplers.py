@@ -1,4 +1,4 @@
-"""Training schedule and samplers against diffusers' schedulers, on an analytic model (CPU)."""
+"""Samplers against diffusers' schedulers, step by step, on an analytic model (CPU)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdxl import schedulers
 from sdxl.models.configs import SCHEDULER
+from sdxl.sampling.loop import progress_bar, sample
+from sdxl.sampling.samplers import SAMPLERS, check_sampler
 
 SHAPE = (2, 4, 8, 8)
 SEEDS = [1000, 1001]
@@ -81,7 +82,7 @@ def run_ours(name: str, config: dict, num_steps: int, gens=None) -> torch.Tensor
     """Our entry point with the same seeds and the same initial noise draw."""
     gens = generators() if gens is None else gens
     noise = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in gens])
-    return schedulers.sample(name, analytic_model, noise, num_steps, config, generators=gens)
+    return sample(name, analytic_model, noise, num_steps, config, generators=gens)
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -154,10 +155,10 @@ def test_generators_advance_as_in_diffusers(name, spacing):
 
 def test_sampler_is_stateless():
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    for name in schedulers.SAMPLERS:
-        first = schedulers.sample(name, analytic_model, noise, 10, SCHEDULER, generators())
-        other = schedulers.sample(name, analytic_model, noise, 4, SCHEDULER, generators())
-        again = schedulers.sample(name, analytic_model, noise, 10, SCHEDULER, generators())
+    for name in SAMPLERS:
+        first = sample(name, analytic_model, noise, 10, SCHEDULER, generators())
+        other = sample(name, analytic_model, noise, 4, SCHEDULER, generators())
+        again = sample(name, analytic_model, noise, 10, SCHEDULER, generators())
         assert torch.equal(first, again), name
         assert not torch.equal(first, other), name
 
@@ -165,8 +166,8 @@ def test_sampler_is_stateless():
 def test_ancestral_noise_is_per_image():
     """Image b depends only on its own generator: the same seed gives the same image in any batch."""
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    pair = schedulers.sample("euler_a", analytic_model, noise, 8, SCHEDULER, generators())
-    alone = schedulers.sample(
+    pair = sample("euler_a", analytic_model, noise, 8, SCHEDULER, generators())
+    alone = sample(
         "euler_a",
         analytic_model,
         noise[1:],
@@ -186,88 +187,47 @@ def test_model_sees_diffusers_timesteps_and_inputs():
         return analytic_model(x_in, t)
 
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    schedulers.sample("euler_karras", spy, noise, 12, SCHEDULER, generators())
+    sample("euler_karras", spy, noise, 12, SCHEDULER, generators())
     ref = EulerDiscreteScheduler.from_config({**SCHEDULER, "use_karras_sigmas": True})
     ref.set_timesteps(12)
     assert all(t.ndim == 0 and t.dtype == torch.float32 for t in calls)
     torch.testing.assert_close(torch.stack(calls), ref.timesteps.float(), rtol=1e-6, atol=1e-4)
 
 
-def test_progress_flag_runs():
+def test_callback_sees_every_step_and_changes_nothing():
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    quiet = schedulers.sample("dpmpp_2m", analytic_model, noise, 3, SCHEDULER)
-    loud = schedulers.sample("dpmpp_2m", analytic_model, noise, 3, SCHEDULER, progress=True)
-    assert torch.equal(quiet, loud)
+    quiet = sample("dpmpp_2m", analytic_model, noise, 3, SCHEDULER)
+    seen = []
+    watched = sample("dpmpp_2m", analytic_model, noise, 3, SCHEDULER,
+                     callback=lambda i, x, x0: seen.append((i, x.clone(), x0.clone())))  # fmt: skip
+    loud = sample("dpmpp_2m", analytic_model, noise, 3, SCHEDULER, callback=progress_bar(3))
+    assert torch.equal(quiet, loud) and torch.equal(quiet, watched)
+    assert [i for i, _, _ in seen] == [0, 1, 2] and torch.equal(seen[-1][1], quiet)
+    assert all(x0.shape == SHAPE and torch.isfinite(x0).all() for _, _, x0 in seen)
 
 
 def test_unknown_sampler_lists_valid_names():
     noise = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="unknown sampler 'heun'.*dpmpp_2m_karras"):
-        schedulers.sample("heun", analytic_model, noise, 4, SCHEDULER)
+        sample("heun", analytic_model, noise, 4, SCHEDULER)
     with pytest.raises(ValueError, match="euler_a"):
-        schedulers.check_sampler("euler_ancestral")
+        check_sampler("euler_ancestral")
 
 
 def test_bad_arguments_are_rejected():
     noise = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="num_steps"):
-        schedulers.sample("euler", analytic_model, noise, 0, SCHEDULER)
+        sample("euler", analytic_model, noise, 0, SCHEDULER)
     with pytest.raises(ValueError, match="generators"):
-        schedulers.sample("euler_a", analytic_model, noise, 4, SCHEDULER, generators()[:1])
+        sample("euler_a", analytic_model, noise, 4, SCHEDULER, generators()[:1])
     with pytest.raises(ValueError, match="prediction_type"):
-        schedulers.sample(
-            "euler", analytic_model, noise, 4, {**SCHEDULER, "prediction_type": "sample"}
-        )
+        sample("euler", analytic_model, noise, 4, {**SCHEDULER, "prediction_type": "sample"})
 
 
 def test_unsupported_config_values_name_the_key():
     noise = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="solver_order"):
-        schedulers.sample("dpmpp_2m", analytic_model, noise, 4, {**SCHEDULER, "solver_order": 3})
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        schedulers.NoiseSchedule.from_config({**SCHEDULER, "rescale_betas_zero_snr": True})
-    with pytest.raises(ValueError, match="beta_schedule"):
-        schedulers.NoiseSchedule.from_config({**SCHEDULER, "beta_schedule": "squaredcos_cap_v2"})
+        sample("dpmpp_2m", analytic_model, noise, 4, {**SCHEDULER, "solver_order": 3})
     # A key only another scheduler class reads is ignored, as diffusers' from_config ignores it.
-    out = schedulers.sample("euler", analytic_model, noise, 2, {**SCHEDULER, "solver_order": 3})
+    out = sample("euler", analytic_model, noise, 2, {**SCHEDULER, "solver_order": 3})
     assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
-def test_noise_schedule_matches_ddpm_scheduler(beta_schedule):
-    config = {**SCHEDULER, "beta_schedule": beta_schedule}
-    if beta_schedule == "linear":
-        config.update(beta_start=0.0001, beta_end=0.02)
-    ours, ref = schedulers.NoiseSchedule.from_config(config), DDPMScheduler.from_config(config)
-    assert ours.betas.dtype == ours.alphas_cumprod.dtype == ours.sigmas.dtype == torch.float32
-    assert torch.equal(ours.betas, ref.betas)
-    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
-    gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
-    t = torch.tensor([3, 917])
-    torch.testing.assert_close(
-        ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=0, atol=0
-    )
-    torch.testing.assert_close(
-        ours.velocity(x0, noise, t), ref.get_velocity(x0, noise, t), rtol=0, atol=0
-    )
-    assert torch.equal(ours.target(x0, noise, t, "epsilon"), noise)
-    assert torch.equal(ours.target(x0, noise, t, "v_prediction"), ours.velocity(x0, noise, t))
-    a = ref.alphas_cumprod
-    torch.testing.assert_close(ours.snr(t), a[t] / (1 - a[t]), rtol=1e-6, atol=0)
-    torch.testing.assert_close(ours.sigmas, ((1 - a) / a) ** 0.5, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="prediction_type"):
-        ours.target(x0, noise, t, "sample")
-
-
-def test_noise_schedule_scalar_t_and_device_move():
-    ours = schedulers.NoiseSchedule.from_config(SCHEDULER).to("cpu")
-    x0, noise = torch.ones(SHAPE), torch.zeros(SHAPE)
-    t = torch.tensor(500)
-    expected = ours.alphas_cumprod[500] ** 0.5
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), expected.expand(SHAPE))
-    assert ours.snr(torch.tensor([0, 999])).shape == (2,)
-    meta = ours.to("meta")
-    assert meta.add_noise(
-        x0.to("meta"), noise.to("meta"), torch.tensor([1, 2], device="meta")
-    ).is_meta
