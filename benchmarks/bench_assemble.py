@@ -18,9 +18,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdxl.generate.assemble import assemble_dataset, write_shard_marker
+from sdxl.generate.assemble import assemble_dataset
 from sdxl.generate.prompts import index_width
 from sdxl.generate.run import GenerateConfig
+from sdxl.generate.shard_marker import write_shard_marker
 from sdxl.tiny import write_tiny_sdxl
 
 

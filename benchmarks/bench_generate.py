@@ -1,4 +1,4 @@
-"""Text-to-image speed and peak memory of sdxl's pipeline, optionally next to diffusers' on the same weights.
+r"""Text-to-image speed and peak memory of sdxl's pipeline, optionally next to diffusers' on the same weights.
 
 One call = text encoding + CFG denoising loop + VAE decode + PIL conversion, timed end to end
 after warm-up: the path generate_images.py runs. latency = seconds per call; s/image = latency /

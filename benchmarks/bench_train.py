@@ -1,4 +1,4 @@
-"""Speed and peak memory of one LoRA training step: sdxl's, and diffusers+peft's on the same inputs.
+r"""Speed and peak memory of one LoRA training step: sdxl's, and diffusers+peft's on the same inputs.
 
 A step is exactly what the training loop runs per optimizer update, `sdxl.train.step.train_step`
 on staged cached-style inputs (latent mean/std and their flipped variants, prompt embeds,

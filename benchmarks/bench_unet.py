@@ -1,4 +1,4 @@
-"""Speed and peak memory of sdxl's UNet, optionally next to diffusers' on the same weights and inputs.
+r"""Speed and peak memory of sdxl's UNet, optionally next to diffusers' on the same weights and inputs.
 
 Weights are random (diffusers' init, copied into ours); inputs are random latents, a 77-token
 context, pooled text and SDXL size ids. Prints a markdown table for BENCHMARKS.md.

@@ -25,7 +25,7 @@ rule train_lora:
         train=inputs.train_settings(config),
         run=config["run"],
     message:
-        "Training the LoRA of run {params.run} (continues from its newest usable checkpoint)"
+        "Training the LoRA of run {params.run}"
     script:
         "../workflow_scripts/train_lora.py"
 

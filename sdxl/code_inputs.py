@@ -69,6 +69,11 @@ def _targets(module: str, names: tuple[str, ...], root: Path, scripts: Path) -> 
 
 
 def _file(root: Path, parts: list[str]) -> Path | None:
+    return _file_cached(root, tuple(parts))
+
+
+@functools.cache
+def _file_cached(root: Path, parts: tuple[str, ...]) -> Path | None:
     base = root.joinpath(*parts)
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -76,19 +81,28 @@ def _file(root: Path, parts: list[str]) -> Path | None:
     return None
 
 
-def _parse(path: Path) -> ast.Module:
+def _version(path: Path) -> tuple[int, int]:
     stat = path.stat()
-    return _parse_version(path, stat.st_mtime_ns, stat.st_size)
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _parse(path: Path) -> ast.Module:
+    return _parse_version(path, _version(path))
 
 
 @functools.cache
-def _parse_version(path: Path, _mtime_ns: int, _size: int) -> ast.Module:
+def _parse_version(path: Path, _version: tuple[int, int]) -> ast.Module:
     """Parsed once per file version: a workflow parse asks for the same modules many times."""
     return ast.parse(path.read_bytes(), filename=str(path))
 
 
 def _imports(path: Path, name: str | None) -> list[tuple[str, tuple[str, ...]]]:
     """(module, imported names) of every import `path` can run."""
+    return _imports_version(path, name, _version(path))
+
+
+@functools.cache
+def _imports_version(path: Path, name: str | None, _version: tuple[int, int]) -> list:
     package = name if path.name == "__init__.py" else (name or "").rpartition(".")[0]
     return _import_pairs(_reachable(_parse(path).body), package)
 
@@ -115,7 +129,8 @@ def _lazy_imports(init: Path, package: str) -> list[tuple[str, tuple[str, ...]]]
 
 
 def _reachable(body: list[ast.stmt]):
-    """Every node under `body` but `if TYPE_CHECKING:` blocks and a module's __getattr__."""
+    """Every statement under `body` (imports are statements) but `if TYPE_CHECKING:` blocks
+    and a module's __getattr__."""
     todo = [s for s in body if not _is_getattr(s)]
     while todo:
         node = todo.pop()
@@ -123,7 +138,8 @@ def _reachable(body: list[ast.stmt]):
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             todo += node.orelse
             continue
-        todo += ast.iter_child_nodes(node)
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            todo += getattr(node, field, None) or []
 
 
 def _is_getattr(stmt: ast.stmt) -> bool:

@@ -314,8 +314,9 @@ def test_pipeline_config_reaches_the_generated_dataset(
 ):
     from pycocotools.coco import COCO
 
-    from sdxl.generate.assemble import assemble_dataset, write_shard_marker
+    from sdxl.generate.assemble import assemble_dataset
     from sdxl.generate.run import generate_indices
+    from sdxl.generate.shard_marker import write_shard_marker
     from sdxl.workflow_config import ConfigError, check_config
 
     schema = ROOT / "schemas/config.schema.yaml"

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl.generate.run import GenerateConfig, generate_dataset
+from sdxl.generate.dataset import generate_dataset
+from sdxl.generate.run import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red circle", "a blue square", "a green star", "a yellow heart", "a pink ring")

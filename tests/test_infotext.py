@@ -173,7 +173,8 @@ def test_model_hash_is_of_the_checkpoint_file_or_the_unet_file(tiny_dir, tmp_pat
 
 
 def test_generated_png_reads_back_and_old_texts_are_remade(tiny_dir, tmp_path):
-    from sdxl.generate.run import GenerateConfig, generate_dataset, pending_indices
+    from sdxl.generate.dataset import generate_dataset
+    from sdxl.generate.run import GenerateConfig, pending_indices
     from sdxl.generate.writers import save_png
     from sdxl.lora import LoRAConfig, inject_lora, lora_state_dict
     from sdxl.lora_formats.kohya import save_kohya

@@ -73,7 +73,7 @@ def _assert_same_lora(a: Path, b: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _info_logs(caplog):
-    """The cases check what the trainer logs at INFO (resumed from, skipping, removed)."""
+    """The cases check what the trainer logs at INFO (resuming from, skipping, removed)."""
     caplog.set_level(logging.INFO)
 
 
@@ -282,8 +282,9 @@ def _pause_and_kill(args: list[str], point: str, tmp_path: Path) -> None:
     ("point", "logged"),
     [
         ("cache", "is complete; skipping it"),  # latents done, text cache not started
-        ("step-3", "at step 2"),  # mid-step, after checkpoints 1 and 2
-        ("checkpoint:checkpoint-step0000002.pt", "at step 1"),  # temp file written, not renamed
+        ("step-3", "resuming from step 2"),  # mid-step, after checkpoints 1 and 2
+        # The temp file of checkpoint 2 written, not renamed:
+        ("checkpoint:checkpoint-step0000002.pt", "resuming from step 1"),
     ],
 )
 def test_kill_9_then_rerun_equals_the_uninterrupted_run(
@@ -342,7 +343,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(
     assert main(_args(tiny_dir, shapes, out, *RUN)) == 0
     warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(newest) in m and "falling back" in m for m in warned)
-    assert any("at step 1" in r.message for r in caplog.records)
+    assert any("resuming from step 1" in r.message for r in caplog.records)
     _assert_same_lora(reference, out)
 
 

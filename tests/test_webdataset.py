@@ -16,7 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from sdxl.generate.run import GenerateConfig, generate_dataset
+from sdxl.generate.dataset import generate_dataset
+from sdxl.generate.run import GenerateConfig
 from sdxl.generate.webdataset import WEBDATASET_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -194,8 +194,9 @@ def _demo_run(tmp_path_factory) -> Path:
         trace.mkdir()
         env = {"HF_TOKEN": TOKEN, "SDXL_IMPORT_TRACE": str(trace),
                "PYTHONPATH": str(ROOT / "tests/import_trace")}  # fmt: skip
-        snakemake(workdir, "--profile", "profiles/demo", "--resources", "gpu=2", "--cores", "2",
-                  env=env)  # fmt: skip
+        done = snakemake(workdir, "--profile", "profiles/demo", "--resources", "gpu=2",
+                         "--cores", "2", env=env)  # fmt: skip
+        (workdir.parent / "console.txt").write_text(done.stdout + done.stderr)
         _DEMO = workdir
     return _DEMO
 
@@ -254,6 +255,29 @@ def test_demo_dag_produces_every_artifact(finished):
     assert metrics["clip_model"] == "builtin:tiny-clip"
     assert metrics["fid"] > 0 and metrics["clip_score"] is not None
     assert "FID" in (results / "report/evaluation.html").read_text()
+
+
+def test_demo_logs_read_as_lines_and_name_what_each_job_wrote(finished):
+    """No progress bar draws carriage returns into a log; each log's last line names the job's
+    outputs; the console shows each job's progress and messages, no "Shell command: None"."""
+    logs = sorted((finished / "results/logs").rglob("*.log"))
+    assert len(logs) >= 14
+    for log in logs:
+        text = log.read_text()
+        assert "\r" not in text, log
+        assert text.splitlines()[-1].startswith("wrote "), (log, text[-500:])
+    train = (finished / "results/logs/train_lora/demo.log").read_text()
+    assert "starting from step 0" in train and "resuming" not in train
+    assert re.search(r"^train: 4/4 steps \(100%\), .*done in .*loss=", train, re.M), train
+    assert train.splitlines()[-1] == (
+        "wrote results/train/demo/lora_final.safetensors, results/train/demo/lora_final.pt "
+        "(LoRA rank 8, 4 steps)"
+    )
+    console = (finished.parent / "console.txt").read_text()
+    assert "Shell command" not in console
+    assert re.search(r"^\[train_lora\] 4/4 steps \(100%\)", console, re.M), console[-3000:]
+    assert re.search(r"^\[generate shard-1\] 4/4 images \(100%\)", console, re.M)
+    assert "Training the LoRA of run demo" in console and "continues from" not in console
 
 
 def test_nothing_changed_reruns_nothing(finished):
@@ -447,7 +471,8 @@ def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
         "2",
     )
     log = (work / "results/logs/train_lora/demo.log").read_text()
-    assert "resumed from results/train/demo/checkpoints/checkpoint-step0000002.pt at step 2" in log
+    checkpoint = "results/train/demo/checkpoints/checkpoint-step0000002.pt"
+    assert f"resuming from step 2 (checkpoint {checkpoint})" in log
     with (run / "metrics.csv").open() as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
     before = load_file(finished / "results/train/demo/lora_final.safetensors")
@@ -709,7 +734,7 @@ def test_longer_then_shorter_training_continues_and_equals_straight_runs(finishe
     edit_demo(work, train={"max_steps": 6})
     before, after = rerun(work, AFTER_TRAIN_JOBS | CONFIG_JOBS)
     log = (work / "results/logs/train_lora/demo.log").read_text()
-    assert "resumed from results/train/demo/checkpoint_final.pt at step 4" in log
+    assert "resuming from step 4 (checkpoint results/train/demo/checkpoint_final.pt)" in log
     kept = {f"results/train/demo/demo-step0000000{k}.safetensors" for k in (2, 4)}
     kept |= {f"results/validation/demo/step-000000{k}.png" for k in (2, 4)}
     assert all(after[name] == before[name] for name in kept)  # not redrawn, not rewritten
@@ -723,7 +748,8 @@ def test_longer_then_shorter_training_continues_and_equals_straight_runs(finishe
     edit_demo(work, train={"max_steps": 2})
     before, after = rerun(work, AFTER_TRAIN_JOBS | CONFIG_JOBS)
     log = (work / "results/logs/train_lora/demo.log").read_text()
-    assert "resumed from results/train/demo/checkpoints/checkpoint-step0000002.pt at step 2" in log
+    checkpoint = "results/train/demo/checkpoints/checkpoint-step0000002.pt"
+    assert f"resuming from step 2 (checkpoint {checkpoint})" in log
     assert sorted(p.name for p in run.glob("demo-step*")) == ["demo-step00000002.safetensors"]
     snapshot = "results/train/demo/demo-step00000002.safetensors"
     assert after[snapshot] == before[snapshot]

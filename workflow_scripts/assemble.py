@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 from generation import generation_config
 
 if TYPE_CHECKING:
@@ -22,3 +22,4 @@ cfg = generation_config(snakemake.params.generate, snakemake.input, out,
                         snakemake.params.num_images, snakemake.params.index_width,
                         code_version=versions.pop() if len(versions) == 1 else "mixed")  # fmt: skip
 assemble_dataset(cfg, markers, out)
+finish(snakemake, f"{snakemake.params.num_images} images linked in {out}/")

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import precision, start
+from common import finish, precision, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -20,3 +20,4 @@ build_latent_cache_from_manifest(
     flip=hp["flip"], seed=hp["seed"], device=claim.torch_device,
     dtype=precision(claim, hp["precision"]), progress=True,
 )  # fmt: skip
+finish(snakemake, f"VAE latents of shard {snakemake.wildcards.shard} of {hp['shards']}")

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import precision, start
+from common import finish, precision, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -18,3 +18,4 @@ build_text_cache_from_manifest(
     batch_size=hp["batch_size"], device=claim.torch_device,
     dtype=precision(claim, hp["precision"]), progress=True,
 )  # fmt: skip
+finish(snakemake, "both text encoders' embeddings of every caption and of the empty one")

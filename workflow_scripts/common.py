@@ -20,18 +20,28 @@ FINGERPRINT = "job-fingerprint.txt"
 
 
 def start(snakemake, gpus: int = 0):
-    """Log to the rule's log file and claim `gpus` GPUs; returns the sdxl.devices.Claim."""
+    """Log to the rule's log file and claim `gpus` GPUs; returns the sdxl.devices.Claim.
+
+    Progress bars (sdxl/progress.py) become plain lines in the log, and a sparse line per bar
+    on snakemake's console (the stderr this job was started with).
+    """
+    console = os.fdopen(os.dup(2), "w", buffering=1)  # noqa: SIM115 -- open for the whole job
     log = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115 -- open for the whole job
     os.dup2(log.fileno(), 1)  # also catches C-level output and child processes
     os.dup2(log.fileno(), 2)
     sys.stdout.reconfigure(line_buffering=True)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
+    # The Hub's and transformers' bars would draw carriage returns into the log; the library
+    # logs each file it fetches instead.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from sdxl.devices import claim_devices
     from sdxl.procs import watch_ancestors
+    from sdxl.progress import show_on_console
 
+    show_on_console(console, job_label(snakemake))
     sys.excepthook = _one_line_errors
     watch_ancestors()
     claim = claim_devices(gpus)
@@ -39,6 +49,24 @@ def start(snakemake, gpus: int = 0):
         "rule %s on %s (%s)", snakemake.rule, ",".join(claim.devices) or "cpu", claim.source
     )
     return claim
+
+
+def job_label(snakemake) -> str:
+    """The job as the console names it: its rule and wildcards (`generate shard-1`)."""
+    return " ".join([snakemake.rule, *(f"{k}-{v}" for k, v in snakemake.wildcards.items())])
+
+
+def finish(snakemake, summary: str = "", outputs=None) -> None:
+    """End the log with one line naming what the job wrote (`outputs`: default all of them).
+
+    `wrote results/train/demo/lora_final.safetensors (LoRA rank 4, 12 steps)`; more than three
+    files are named by their folder.
+    """
+    paths = [str(p) for p in (snakemake.output if outputs is None else outputs)]
+    what = ", ".join(paths)
+    if len(paths) > 3:
+        what = f"{len(paths)} files in {os.path.commonpath(paths)}/"
+    print(f"wrote {what}" + (f" ({summary})" if summary else ""), file=sys.stderr, flush=True)
 
 
 def _one_line_errors(kind, err, tb) -> None:

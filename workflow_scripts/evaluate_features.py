@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -14,5 +14,6 @@ from sdxl.evaluate.run import extract_shard, marker_items  # noqa: E402
 
 cfg = FeatureConfig(**snakemake.params.features, device=claim.torch_device)
 files, prompts = marker_items(snakemake.input.done)
-extract_shard(files, prompts, cfg, snakemake.output.features,
-              source=f"generate shard {snakemake.wildcards.shard}")  # fmt: skip
+source = f"generate shard {snakemake.wildcards.shard}"
+extract_shard(files, prompts, cfg, snakemake.output.features, source=source)
+finish(snakemake, f"features of the {len(files)} images of {source}")

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -22,3 +22,4 @@ images = [images] if isinstance(images, str) else list(images)
 files = [Path(p) for p in images] if reference_dir else reference_items(None, images[0])[first:stop]
 source = reference_dir or "the training images (results/data/manifest.csv)"
 extract_shard(files, None, cfg, snakemake.output.features, source=source)
+finish(snakemake, f"Inception features of {len(files)} reference images")

@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import code_digest, start
+from common import code_digest, finish, start
 from generation import generation_config
 
 if TYPE_CHECKING:
@@ -14,8 +14,8 @@ claim = start(snakemake, gpus=snakemake.resources.gpu)
 
 import torch  # noqa: E402
 
-from sdxl.generate.assemble import write_shard_marker  # noqa: E402
 from sdxl.generate.run import generate_indices  # noqa: E402
+from sdxl.generate.shard_marker import write_shard_marker  # noqa: E402
 
 out = Path(snakemake.output.done).with_suffix("")  # results/generate/shard-K/
 first, stop = snakemake.params.indices
@@ -31,3 +31,5 @@ peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
 write_shard_marker(Path(snakemake.output.done), cfg, indices, made=made,
                    seconds=time.perf_counter() - began, device=claim.torch_device,
                    peak_mem_gb=peak)  # fmt: skip
+finish(snakemake, f"images {first} to {stop - 1}: {made} made, {len(indices) - made} kept",
+       [f"{out}/", snakemake.output.done])  # fmt: skip

@@ -6,7 +6,7 @@ user strings in its params (see rules/report.smk).
 
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -16,3 +16,4 @@ start(snakemake)
 from sdxl.report import write_config_snapshot  # noqa: E402
 
 write_config_snapshot(snakemake.params.config, snakemake.output.config)
+finish(snakemake, "the whole configuration, defaults filled in")

@@ -4,7 +4,7 @@ from this rule, so none carries another job's params into report.html)."""
 
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -16,3 +16,4 @@ from sdxl.report.evaluation import write_evaluation  # noqa: E402
 
 build_report(ReportInputs.of(snakemake.input), ReportOutputs.of(snakemake.output))
 write_evaluation(snakemake.input.metrics or None, snakemake.output.evaluation)
+finish(snakemake, "the pages of results/report.html, which snakemake --report bundles")

@@ -1,18 +1,21 @@
 """train_lora: train the UNet LoRA on the caches; more than one GPU runs DDP via torchrun.
 
-A rerun continues from the run's newest usable checkpoint (the library decides which, see
-sdxl/train/loop.py); the folder is emptied first only when what is learned changed.
+A rerun continues from the run's newest usable checkpoint (the library decides which and logs
+"resuming from step N" or "starting from step 0", see sdxl/train/loop.py); the folder is
+emptied first only when what is learned changed.
 """
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import job_fingerprint, resume_or_restart, start
+from common import finish, job_fingerprint, resume_or_restart, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
 
 claim = start(snakemake, gpus=snakemake.resources.gpu)
+
+from safetensors import safe_open  # noqa: E402
 
 from sdxl.errors import UserError  # noqa: E402
 from sdxl.train import config as settings  # noqa: E402
@@ -37,3 +40,6 @@ cfg = settings.TrainConfig.from_dict({
     "pretrained_model": snakemake.input.model, "device": claim.torch_device, "resume_from": "auto",
 })  # fmt: skip
 run_training(cfg, num_gpus=len(claim.devices))
+with safe_open(snakemake.output.lora, "pt") as f:  # the steps done, in the file's header
+    done = f"LoRA rank {cfg.lora_rank}, {f.metadata()['ss_steps']} steps"
+finish(snakemake, done, [snakemake.output.lora, snakemake.output.lora_pt])

@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -23,3 +23,4 @@ else:
     result = validate_dataset(hp["dir"], **options)
 write_problems(result, snakemake.output.problems, snakemake.output.html)
 write_manifest(result, snakemake.output.manifest)
+finish(snakemake, f"{len(result.items)} items kept, {len(result.errors)} files dropped")

@@ -4,7 +4,7 @@ validation_interval steps) and its final LoRA; grids of unchanged files are kept
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import code_digest, precision, start
+from common import code_digest, finish, precision, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -27,6 +27,8 @@ with safe_open(str(final), "pt") as f:
     meta = f.metadata()
 files = grid_files(list_snapshots(final.parent, snakemake.params.run), final, meta,
                    cfg.sample_interval, cfg.sample_every_n_epochs)  # fmt: skip
-validate_run(files, Path(snakemake.input.model), cfg.samples, Path(snakemake.output.index).parent,
-             claim.torch_device, precision(claim, snakemake.config["train"]["precision"]),
-             code_digest(snakemake), snakemake.params.run)  # fmt: skip
+out = Path(snakemake.output.index).parent
+index = validate_run(files, Path(snakemake.input.model), cfg.samples, out, claim.torch_device,
+                     precision(claim, snakemake.config["train"]["precision"]),
+                     code_digest(snakemake), snakemake.params.run)  # fmt: skip
+finish(snakemake, f"{len(index['grids'])} validation grid(s) of run {snakemake.params.run}")

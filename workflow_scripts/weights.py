@@ -1,8 +1,10 @@
 """weights: fill the model folder from config.yaml's weights source and write manifest.json."""
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import start
+from common import finish, start
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake
@@ -16,3 +18,5 @@ prepare_weights(
     snakemake.output.model,
     snakemake.output.manifest,
 )
+manifest = json.loads(Path(snakemake.output.manifest).read_text())
+finish(snakemake, f"{manifest['kind']} SDXL, {len(manifest['files'])} files")

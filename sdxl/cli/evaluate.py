@@ -1,4 +1,4 @@
-"""Score a generated dataset: FID and KID against a reference image folder, and CLIP score.
+r"""Score a generated dataset: FID and KID against a reference image folder, and CLIP score.
 
 Numbers follow torchmetrics (FrechetInceptionDistance, KernelInceptionDistance, CLIPScore) with
 torch-fidelity's FID InceptionV3. Weights are downloaded on first use: the Inception into

@@ -1,4 +1,4 @@
-"""Generate an image dataset with SDXL (optionally with LoRAs); flags follow the original project.
+r"""Generate an image dataset with SDXL (optionally with LoRAs); flags follow the original project.
 
 Example:
     uv run python generate_images.py --pretrained-model builtin:tiny \
@@ -13,8 +13,9 @@ import sys
 
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.generate.coco_prompts import COCO_MODES
+from sdxl.generate.dataset import generate_dataset
 from sdxl.generate.prompts import expand_prompts, load_prompts
-from sdxl.generate.run import GenerateConfig, generate_dataset
+from sdxl.generate.run import GenerateConfig
 from sdxl.sampling.samplers import SAMPLERS
 
 

@@ -1,4 +1,4 @@
-"""Train an SDXL LoRA; flags and defaults follow the original project's train_sdxl.py.
+r"""Train an SDXL LoRA; flags and defaults follow the original project's train_sdxl.py.
 
 Example (CPU, tiny model, bundled dataset):
     uv run python train_sdxl.py --data_dir examples/shapes --pretrained_model builtin:tiny \

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
+from sdxl.progress import track
 from sdxl.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,7 @@ def validate_dataset(
     images, caption_files = scan_dataset(root, captions.extension)
     caption_of = {rel.with_suffix(""): rel for rel in reversed(caption_files)}  # first one wins
     candidates, problems = [], []
-    for rel in tqdm(images, desc="validate", unit="img", disable=not progress):
+    for rel in track(images, "validate", "image", disable=not progress):
         caption_rel = caption_of.get(rel.with_suffix(""))
         candidate, found = _check_pair(root, rel, caption_rel, min_size, captions)
         problems += found

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from sdxl.data.buckets import Bucket, assign_bucket, make_buckets
 from sdxl.data.dataset import Item, load_image, read_manifest
@@ -34,6 +33,7 @@ from sdxl.data.shards import (
     write_shard,
 )
 from sdxl.data.transforms import MicroConditioning, transform_image
+from sdxl.progress import Progress
 from sdxl.utils import to_dtype
 from sdxl.weights import load_vae, vae_scaling_factor
 
@@ -142,7 +142,7 @@ def _encode_shard(
     crop = {"random_crop": opts["random_crop"], "flip": opts["flip"], "seed": opts["seed"]}
     tensors, records = {}, {}
     total = len(indices) * len(variants)
-    bar = tqdm(total=total, desc="latents", unit="img", disable=not opts["progress"])
+    bar = Progress(total, "latents", "image", disable=not opts["progress"])
     for bucket, batch in _bucket_batches(indices, items, buckets, opts["batch_size"]):
         samples = [
             (i, px, cond)

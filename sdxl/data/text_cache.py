@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from sdxl.data.dataset import Item, read_manifest
 from sdxl.data.shards import (
@@ -30,6 +29,7 @@ from sdxl.data.shards import (
     write_index,
     write_shard,
 )
+from sdxl.progress import Progress
 from sdxl.text import encode_prompts, load_tokenizers
 from sdxl.utils import atomic_path, to_dtype
 from sdxl.weights import load_component
@@ -96,7 +96,7 @@ def build_text_cache(
     out_dir = Path(out_dir)
     ranges = shard_ranges(len(items), items_per_shard=items_per_shard)
     tokenizers, encoders = _load_text_encoders(model_dir, device, to_dtype(dtype))
-    bar = tqdm(total=len(items), desc="text", unit="caption", disable=not progress)
+    bar = Progress(len(items), "text", "caption", disable=not progress)
     for shard, indices in enumerate(ranges):
         expected = _text_shard_expectation(shard, len(ranges), indices, items)
         if shard_is_done(out_dir, shard, expected):

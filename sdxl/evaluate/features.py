@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from sdxl.errors import UserError
 from sdxl.evaluate.clip import DEFAULT_CLIP, image_embeddings, load_clip, text_embeddings
 from sdxl.evaluate.inception import DEFAULT_INCEPTION, load_inception, resize_299
+from sdxl.progress import track
 from sdxl.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def extract_features(files: list[Path], prompts: list[str] | None, cfg: FeatureC
     inception = load_inception(cfg.inception, cfg.device)
     clip = load_clip(cfg.clip_model, cfg.device) if cfg.clip_model and prompts else None
     out: dict[str, list[torch.Tensor]] = {"inception": [], "clip_image": [], "clip_text": []}
-    for start in tqdm(range(0, len(files), cfg.batch_size), desc=desc, unit="batch"):
+    for start in track(range(0, len(files), cfg.batch_size), desc, "batch"):
         images = [read_uint8(f) for f in files[start : start + cfg.batch_size]]
         out["inception"].append(_inception_batch(inception, images, cfg.device))
         if clip is not None:

@@ -1,36 +1,24 @@
 """One dataset folder from the workflow's generate jobs: hard links to their images, no copies.
 
-Each job writes a marker (`shard-K.json`) saying which images it holds, made with which
-parameters (a digest of their metadata), and how fast. Assembling trusts those markers instead
-of opening a million PNGs, and checks each against the parameters asked for, so a stale shard
-is refused rather than linked. Links whose target is already the right file are left alone, so
+Assembling trusts the markers the jobs leave (sdxl/generate/shard_marker.py) instead of opening
+a million PNGs, and checks each against the parameters asked for, so a stale shard is refused
+rather than linked. Links whose target is already the right file are left alone, so
 a rerun after adding images touches only the new ones.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
-from sdxl.errors import UserError
 from sdxl.generate.coco import write_dataset_files
 from sdxl.generate.run import GenerateConfig, image_meta
-from sdxl.generate.writers import is_item_name, meta_text
+from sdxl.generate.shard_marker import read_markers
+from sdxl.generate.writers import is_item_name
 from sdxl.prepare import link_file
-from sdxl.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def images_digest(records: list[dict]) -> str:
-    """sha256 of the images' metadata (image_meta of each): equal iff they are the same images."""
-    digest = hashlib.sha256()
-    for meta in records:
-        digest.update(meta_text(meta).encode() + b"\n")
-    return digest.hexdigest()
 
 
 def item_names(cfg: GenerateConfig, index: int) -> list[str]:
@@ -42,48 +30,6 @@ def item_names(cfg: GenerateConfig, index: int) -> list[str]:
     if cfg.json_files:
         names.append(f"{stem}.json")
     return names
-
-
-def write_shard_marker(path: Path, cfg: GenerateConfig, indices: range, *, made: int,
-                       seconds: float, device: str, peak_mem_gb: float | None) -> None:  # fmt: skip
-    """What a generate job leaves for assemble and the report: its images and its speed."""
-    marker = {
-        "shard": Path(path).stem.removeprefix("shard-"),
-        "folder": str(cfg.output_dir),
-        "start": indices.start,
-        "stop": indices.stop,
-        "files": [f"{cfg.file_stem(i)}.png" for i in indices],
-        "digest": images_digest([image_meta(cfg, i) for i in indices]),
-        "code_version": cfg.code_version,
-        "made": made,
-        "reused": len(indices) - made,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(made / seconds, 4) if made and seconds > 0 else None,
-        "device": device,
-        "peak_mem_gb": peak_mem_gb,
-    }
-    atomic_write_text(path, json.dumps(marker, indent=1) + "\n")
-
-
-def read_markers(paths: list[Path], records: list[dict]) -> list[dict]:
-    """The markers, each checked to hold the images asked for (`records`: their image_meta);
-    together exactly 0..n-1."""
-    markers = sorted((json.loads(Path(p).read_text()) | {"path": str(p)} for p in paths),
-                     key=lambda m: m["start"])  # fmt: skip
-    expected = 0
-    for m in markers:
-        if m["start"] != expected:
-            raise UserError(f"{m['path']}: starts at image {m['start']}, expected {expected}; "
-                            "rerun snakemake to regenerate the shards")  # fmt: skip
-        expected = m["stop"]
-    if expected != len(records):
-        raise UserError(f"the generate shards hold {expected} images, {len(records)} asked "
-                        "for; rerun snakemake to make the missing ones")  # fmt: skip
-    for m in markers:
-        if m["digest"] != images_digest(records[m["start"] : m["stop"]]):
-            raise UserError(f"{m['path']}: its images were made with other parameters than "
-                            "config.yaml asks for; rerun snakemake to regenerate them")  # fmt: skip
-    return markers
 
 
 def assemble_dataset(cfg: GenerateConfig, marker_paths: list[Path], out_dir: Path) -> None:

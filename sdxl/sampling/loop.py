@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from sdxl.progress import Progress
 from sdxl.sampling.samplers import Denoiser, Model, Plan, Tables, Update, plan
 
 Callback = Callable[[int, Tensor, Tensor], None]  # (step i, x after it, its x0); both buffers
@@ -60,8 +60,8 @@ def run_steps(state: SamplerState, num_steps: int, callback: Callback | None = N
 
 
 def progress_bar(num_steps: int) -> Callback:
-    """A callback that advances a tqdm bar over the run's steps and closes it after the last."""
-    bar = tqdm(total=num_steps, desc="sampling", leave=False)
+    """A callback that advances a progress bar over the run's steps and closes it after the last."""
+    bar = Progress(num_steps, "sampling", "step", leave=False)
 
     def advance(i: int, _x: Tensor, _x0: Tensor) -> None:
         bar.update(1)

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from sdxl.data.cached_dataset import CachedDataset
 from sdxl.dataset_config import SubsetPlan
 from sdxl.errors import UserError
 from sdxl.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
 from sdxl.noise_schedule import NoiseSchedule
+from sdxl.progress import Progress
 from sdxl.train import distributed
 from sdxl.train.batches import read_ahead, read_rows
 from sdxl.train.caches import (
@@ -232,7 +232,7 @@ class Trainer:
         self.position = Position(**state["position"])
         self._tidy_from(path, self.position.step)
         if self.dist.is_main:
-            log.info("resumed from %s at step %d", path, self.position.step)
+            log.info("resuming from step %d (checkpoint %s)", self.position.step, path)
 
     def _continuable(self) -> tuple[Path, dict] | None:
         """The newest checkpoint at or before the last step whose snapshots are all on disk."""
@@ -274,6 +274,7 @@ class Trainer:
                             "removed", path, why)  # fmt: skip
             remove_checkpoints(self.out)
             prune_snapshots(self.out, self.cfg.output_name, set())
+            log.info("starting from step 0")
 
     def _other_data(self, path: Path, saved: dict | None, explicit: bool) -> None:
         """Start over (or refuse an explicit --resume_from) when `path` was trained on other data."""
@@ -401,8 +402,8 @@ class Trainer:
             if start == 0:  # the base model (the LoRA starts at zero); kept if drawn already
                 self._sample(metrics, validator, 0, keep=True)
         # A with-block closes the bar on errors too, so an error message starts its own line.
-        with tqdm(total=self.total_steps(), initial=self.position.step, desc="train",
-                  unit="step", disable=not self.dist.is_main) as bar:  # fmt: skip
+        with Progress(self.total_steps(), "train", "step", initial=self.position.step,
+                      disable=not self.dist.is_main) as bar:  # fmt: skip
             self._epochs(metrics, validator, bar)
         # The end, always; a resumed run with no step left keeps the grid it drew.
         self._sample(metrics, validator, self.position.step, keep=self.position.step == start)
@@ -425,12 +426,12 @@ class Trainer:
                 self.position.step += 1
                 self.position.step_in_epoch += 1
                 window.append(out)
-                bar.update(1)
                 step = self.position.step
                 if step % cfg.log_interval == 0 or step == total:  # the only host syncs
                     if metrics:
                         t0 = self._log(metrics, window, epoch, time.perf_counter() - t0, bar)
                     window = []
+                bar.update(1)  # after the log: a progress line shows this step's loss
                 if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
                     self.save_snapshot(step)
                 if cfg.sample_interval and step % cfg.sample_interval == 0:
