@@ -1,5 +1,4 @@
 # Shared helpers: config validation, output locations, and the library code each stage runs.
-import math
 import os
 from pathlib import Path
 
@@ -8,6 +7,7 @@ from snakemake.utils import validate
 from sdxl import workflow_inputs as inputs
 from sdxl.code_inputs import script_code
 from sdxl.generate.prompts import index_width
+from sdxl.sharding import shard_ranges
 from sdxl.workflow_config import check_config, check_settings
 
 # check_config first: one line naming the bad key (snakemake's error dumps ~180 lines);
@@ -26,13 +26,15 @@ BENCHMARK_DIR = "results/benchmarks"
 DATASET_DIR = "results/dataset"
 LOG_DIR = "results/logs"
 LATENT_SHARDS = [f"{k:05d}" for k in range(config["cache"]["latents"]["shards"])]
-IMAGES_PER_SHARD = config["generate"]["images_per_shard"]
+# Generate job k makes the images of GENERATE_RANGES[k]: fixed ranges of images_per_shard, so
+# raising num_images adds jobs and leaves the finished ones as they are.
+GENERATE_RANGES = shard_ranges(
+    config["generate"]["num_images"],
+    items_per_shard=config["generate"]["images_per_shard"],
+)
+GENERATE_SHARDS = [str(k) for k in range(len(GENERATE_RANGES))]
 # output_format webdataset: the finished dataset is also packed into tars (rule pack_webdataset).
 WEBDATASET = config["generate"]["output_format"] == "webdataset"
-GENERATE_SHARDS = [
-    str(k)
-    for k in range(math.ceil(config["generate"]["num_images"] / IMAGES_PER_SHARD))
-]
 EVAL_DIR = "results/eval"
 EVALUATE = config["evaluate"]["enabled"]
 
@@ -78,26 +80,26 @@ def sample_prompts_file(wildcards):
 
 def shard_range(wildcards):
     """[start, stop) of the images generate job `shard` makes."""
-    total = config["generate"]["num_images"]
-    return inputs.shard_range(int(wildcards.shard), IMAGES_PER_SHARD, total)
+    images = GENERATE_RANGES[int(wildcards.shard)]
+    return [images.start, images.stop]
 
 
-REFERENCE_PER_SHARD = config["evaluate"]["images_per_shard"]
-REFERENCE_SHARDS = (
-    [
-        str(k)
-        for k in range(
-            max(1, math.ceil(inputs.reference_count(config) / REFERENCE_PER_SHARD))
-        )
-    ]
+# Evaluate_reference job k reads the reference images of REFERENCE_RANGES[k].
+REFERENCE_RANGES = (
+    shard_ranges(
+        inputs.reference_count(config),
+        items_per_shard=config["evaluate"]["images_per_shard"],
+    )
     if EVALUATE
     else []
 )
+REFERENCE_SHARDS = [str(k) for k in range(len(REFERENCE_RANGES))]
 
 
 def reference_range(wildcards):
     """[start, stop) of the reference images evaluate_reference job `shard` reads."""
-    return inputs.shard_range(int(wildcards.shard), REFERENCE_PER_SHARD)
+    images = REFERENCE_RANGES[int(wildcards.shard)]
+    return [images.start, images.stop]
 
 
 def reference_inputs(wildcards):

@@ -113,11 +113,3 @@ def reference_count(config: dict) -> int:
         images = DATA_SUFFIXES[:-1]  # not the caption files, whatever their extension
         return sum(p.lower().endswith(images) for p in dataset_files(config))
     return len(reference_dir_files(config))
-
-
-def shard_range(shard: int, per_shard: int, total: int | None = None) -> list[int]:
-    """[start, stop) of the items job `shard` handles: fixed ranges, so raising the total adds
-    jobs and leaves the finished ones as they are."""
-    start = shard * per_shard
-    stop = start + per_shard
-    return [start, stop if total is None else min(stop, total)]

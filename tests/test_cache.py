@@ -19,9 +19,10 @@ from sdxl.data.latent_cache import (
     build_latent_cache_from_manifest,
     merge_latent_index,
 )
-from sdxl.data.shards import CacheError, shard_ranges
+from sdxl.data.shards import CacheError
 from sdxl.data.text_cache import build_text_cache
 from sdxl.data.transforms import transform_image
+from sdxl.sharding import shard_ranges
 from sdxl.weights import WeightsError
 
 SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes"

@@ -28,12 +28,12 @@ from sdxl.data.shards import (
     release_memory,
     shard_is_done,
     shard_name,
-    shard_ranges,
     write_index,
     write_shard,
 )
 from sdxl.data.transforms import MicroConditioning, transform_image
 from sdxl.progress import Progress
+from sdxl.sharding import shard_ranges
 from sdxl.utils import to_dtype
 from sdxl.weights import load_vae, vae_scaling_factor
 

@@ -25,11 +25,11 @@ from sdxl.data.shards import (
     release_memory,
     shard_is_done,
     shard_name,
-    shard_ranges,
     write_index,
     write_shard,
 )
 from sdxl.progress import Progress
+from sdxl.sharding import shard_ranges
 from sdxl.text import encode_prompts, load_tokenizers
 from sdxl.utils import atomic_path, to_dtype
 from sdxl.weights import load_component
