@@ -53,9 +53,9 @@ from harness import (  # noqa: E402
 from sdxl import load_pipeline  # noqa: E402
 from sdxl.generate.run import WRITE_THREADS  # noqa: E402
 from sdxl.generate.writers import BackgroundWriter, write_item  # noqa: E402
-from sdxl.models.configs import SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
+from sdxl.models.configs import BUILTIN_TINY, SDXL_BASE, TINY_VOCAB_SIZE  # noqa: E402
 from sdxl.pipeline import FastPath, SampleSettings  # noqa: E402
-from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl, write_random_sdxl  # noqa: E402
+from sdxl.tiny import ensure_tiny_sdxl, write_random_sdxl  # noqa: E402
 
 RANDOM_SDXL = "sdxl-random"
 DIFFUSERS_SCHEDULERS = {

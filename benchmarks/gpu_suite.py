@@ -1,6 +1,6 @@
 """Every GPU check of the project in one command: correctness on CUDA first, then the timings.
 
-Sessions get a GPU rarely and briefly, so this one script does it all in a fixed order and a
+A GPU is available rarely and briefly, so this one script does it all in a fixed order and a
 time budget, next to diffusers in the same process:
 
 1. parity: our UNet vs diffusers' on the same random full-size SDXL weights in bf16 (max

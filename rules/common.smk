@@ -7,6 +7,7 @@ from snakemake.utils import validate
 from sdxl import workflow_inputs as inputs
 from sdxl.code_inputs import script_code
 from sdxl.generate.prompts import index_width
+from sdxl.models.configs import BUILTIN_TINY
 from sdxl.sharding import shard_ranges
 from sdxl.workflow_config import check_config, check_settings
 
@@ -16,7 +17,6 @@ check_config(config, os.path.join(workflow.basedir, "schemas/config.schema.yaml"
 validate(config, "../schemas/config.schema.yaml")
 check_settings(config)  # what the schema cannot say (one key against another)
 
-BUILTIN_TINY = "builtin:tiny"
 WEIGHTS_DIR = "results/weights"
 CACHE_DIR = "results/cache"
 TRAIN_DIR = f"results/train/{config['run']}"
@@ -50,8 +50,8 @@ def code(script, without=()):
 
 
 def weights_code():
-    """Tiny weights are made by the model code itself (sdxl/tiny.py and the model modules), so
-    that code counts only for builtin:tiny."""
+    """sdxl/tiny.py makes the builtin:tiny weights; the weights job loads it for that source
+    only."""
     tiny = config["weights"]["source"] == BUILTIN_TINY
     return code("weights", without=() if tiny else ["sdxl.tiny"])
 

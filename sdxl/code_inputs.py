@@ -38,7 +38,7 @@ def script_code(script: Path, root: Path, without: Iterable[str] = ()) -> list[P
 
 
 def _module_name(path: Path, root: Path) -> str | None:
-    """`sdxl.data.dataset` for root/sdxl/data/dataset.py; None outside root (a script)."""
+    """`sdxl.data.dataset` for root/sdxl/data/dataset.py; None outside root."""
     try:
         parts = list(path.relative_to(root).with_suffix("").parts)
     except ValueError:

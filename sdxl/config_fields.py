@@ -20,7 +20,7 @@ def did_you_mean(key: str, known: Collection[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-def unknown_keys(unknown: Collection[str], known: Collection[str], what: str) -> str:
+def unknown_keys_message(unknown: Collection[str], known: Collection[str], what: str) -> str:
     """The message for `unknown` keys of a `what` (e.g. "training settings")."""
     first = sorted(unknown)[0]
     hint = did_you_mean(first, known) or f"valid: {', '.join(known)}"
@@ -35,7 +35,7 @@ def from_dict(cls: type[T], values: Mapping, what: str) -> T:
     known = [f.name for f in fields(cls)]
     unknown = set(values) - set(known)
     if unknown:
-        raise ValueError(unknown_keys(unknown, known, what))
+        raise ValueError(unknown_keys_message(unknown, known, what))
     for f in fields(cls):
         if f.name not in values and f.default is MISSING and f.default_factory is MISSING:
             raise ValueError(f"{f.name} is required")

@@ -190,7 +190,8 @@ def _check_keys(values: object, known: tuple[str, ...], where: str, *, sections:
         if sections:
             raise DatasetConfigError(f"{where}: unknown section {key!r}; use [general] and "
                                      "[[datasets]] with [[datasets.subsets]]")  # fmt: skip
-        raise DatasetConfigError(f"{where}: {config_fields.unknown_keys([key], known, 'key')}")
+        message = config_fields.unknown_keys_message([key], known, "key")
+        raise DatasetConfigError(f"{where}: {message}")
 
 
 def _typed(obj: Subset, key: str, kind: type, *, minimum: int | None = None,

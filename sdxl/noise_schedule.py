@@ -154,9 +154,8 @@ class NoiseSchedule:
     def from_config(cls, config: dict) -> NoiseSchedule:
         """Build the tables from a diffusers scheduler_config.json dict."""
         cfg = SchedulerConfig.from_dict(config)
-        betas = betas_for(cfg)
-        ac = torch.cumprod(1.0 - betas, dim=0)
-        return cls(betas=betas, alphas_cumprod=ac, sigmas=((1 - ac) / ac) ** 0.5)
+        ac = alphas_cumprod_for(cfg)
+        return cls(betas=betas_for(cfg), alphas_cumprod=ac, sigmas=((1 - ac) / ac) ** 0.5)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -62,6 +62,11 @@ class SampleSettings:
     def __post_init__(self) -> None:
         samplers.check_sampler(self.sampler)
 
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is on (a negative pass beside each prompt's)."""
+        return self.guidance_scale > 1.0
+
 
 def image_indices(batch: int, indices: list[int] | None) -> list[int]:
     """The images' global indices, one per prompt (default 0..B-1)."""
@@ -170,9 +175,8 @@ class SDXLPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self.check_size(*self.image_size(settings))  # before the text encoders run
         indices = image_indices(len(prompts), indices)
-        guided = settings.guidance_scale > 1.0
         text = encode_text(self.tokenizers, self.text_encoders, prompts,
-                           [settings.negative_prompt] if guided else None,
+                           [settings.negative_prompt] if settings.guided else None,
                            zero_empty=self.force_zeros_for_empty_prompt, indices=indices)  # fmt: skip
         return self.sample_latents(text, settings, indices=indices, callback=callback)
 
@@ -197,8 +201,7 @@ class SDXLPipeline:
         noise = torch.cat(
             [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         ).to(self.device)
-        cond = unet_conditioning(text, width, height, settings.guidance_scale > 1.0, self.dtype,
-                                 self.device)  # fmt: skip
+        cond = unet_conditioning(text, width, height, settings.guided, self.dtype, self.device)
         plan = samplers.plan(settings.sampler, noise, settings.num_inference_steps,
                              self.scheduler_config, generators)  # fmt: skip
         return self._run(plan, noise, cond, settings, callback)

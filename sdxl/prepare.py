@@ -27,7 +27,7 @@ from pathlib import Path
 from sdxl import config_fields
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.hub import SDXL_BASE_REPO, select_files
-from sdxl.tiny import BUILTIN_TINY
+from sdxl.models.configs import BUILTIN_TINY
 from sdxl.utils import atomic_path, atomic_write_text
 from sdxl.weights import WeightsError
 

@@ -58,7 +58,7 @@ class Progress:
         self.logged_n = self.shown_n = initial
         self.lines = 0  # plain lines written
         self.console = None if disable else _console
-        self.console_every_s = float(os.environ.get(CONSOLE_ENV, CONSOLE_EVERY_S))
+        self.console_every_s = _console_every_s()
         if not disable and _isatty(self.stream):
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position,
                             leave=leave, file=self.stream)  # fmt: skip
@@ -166,3 +166,12 @@ def _write(stream: TextIO, line: str) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _console_every_s() -> float:
+    """$SDXL_CONSOLE_PROGRESS_S, or the default when unset or not a number (a job must not
+    fail over how often it reports)."""
+    try:
+        return float(os.environ.get(CONSOLE_ENV, CONSOLE_EVERY_S))
+    except ValueError:
+        return CONSOLE_EVERY_S

@@ -28,7 +28,6 @@ from sdxl.models.configs import (
 )
 from sdxl.utils import atomic_path, atomic_write_text
 
-BUILTIN_TINY = "builtin:tiny"
 START, END = "<|startoftext|>", "<|endoftext|>"
 
 # Words the tiny BPE vocabulary is learned from: enough English for demo captions and prompts.

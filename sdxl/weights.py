@@ -19,7 +19,7 @@ from torch import nn
 
 from sdxl import convert
 from sdxl.errors import UserError
-from sdxl.models.configs import SDXL_BASE, CLIPTextConfig, UNetConfig, VAEConfig
+from sdxl.models.configs import BUILTIN_TINY, SDXL_BASE, CLIPTextConfig, UNetConfig, VAEConfig
 from sdxl.utils import atomic_path, to_dtype
 
 COMPONENTS = convert.COMPONENTS
@@ -420,9 +420,9 @@ def check_model_source(source: str | Path) -> Path:
     Reads only model_index.json or a single file's header, so a wrong path, a file that is not
     a model, or another model family fails at once with one message (no Hub access first).
     """
-    from sdxl.tiny import BUILTIN_TINY, ensure_tiny_sdxl
+    if str(source) == BUILTIN_TINY:  # the only source that loads sdxl/tiny.py
+        from sdxl.tiny import ensure_tiny_sdxl
 
-    if str(source) == BUILTIN_TINY:
         return ensure_tiny_sdxl()
     path = Path(source)
     if path.is_file():

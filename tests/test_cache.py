@@ -334,8 +334,8 @@ def test_dataset_checks_the_settings_the_run_expects(built):
     with pytest.raises(
         CacheError,
         match=f"latent cache {latents} was built with image_size={IMAGE_SIZE}, crop='random' but "
-        "this run expects image_size=64, crop='center'; run with the settings the cache was "
-        "built with, or rebuild the cache",
+        "this run expects image_size=64, crop='center'; train with the cache's values "
+        r"\(--image_size on the command line\), or from the images to cache them anew",
     ):
         CachedDataset(latents, texts, expect={"image_size": 64, "crop": "center", "flip": True})
 

@@ -92,3 +92,21 @@ def test_the_repository_scripts():
     assert "sdxl/models/unet.py" in found["train_lora"]
     assert "workflow_scripts/common.py" in found["report"]
     assert not any(f.startswith("sdxl/train/") for f in found["validate_captions"])
+
+
+def test_a_model_folder_source_never_loads_the_tiny_model_code(tmp_path):
+    """The weights rule leaves sdxl/tiny.py out of its code inputs unless the source is
+    builtin:tiny (rules/common.smk weights_code): the weights stage must not load it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sdxl import prepare, weights\n"
+        "try:\n"
+        f"    weights.check_model_source({str(tmp_path)!r})\n"
+        "except weights.WeightsError:\n"
+        "    pass\n"
+        "assert 'sdxl.tiny' not in sys.modules, 'sdxl.tiny was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

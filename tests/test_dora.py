@@ -332,7 +332,7 @@ def test_pipeline_config_trains_dora_and_reruns_training_on_a_change():
     config = merged()
     config["train"]["lora_type"] = "dora"
     assert train_config(checked(config)).lora_type == "dora"
-    assert "lora_type" not in RUNTIME_SETTINGS  # learned: rules/common.smk reruns training
+    assert "lora_type" not in RUNTIME_SETTINGS  # learned: the workflow reruns training
     config["train"]["lora_type"] = "loha"
     with pytest.raises(Exception, match="loha"):
         checked(config)

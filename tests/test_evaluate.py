@@ -238,6 +238,14 @@ def test_cli_bad_input_is_one_error_line(folders, tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_the_workflow_counts_the_reference_images_the_jobs_read():
+    """sdxl.workflow_inputs keeps its own copy (no torch when the workflow is parsed)."""
+    from sdxl.evaluate.features import IMAGE_EXTENSIONS
+    from sdxl.workflow_inputs import EVAL_SUFFIXES
+
+    assert sorted(EVAL_SUFFIXES) == sorted(IMAGE_EXTENSIONS)
+
+
 def test_library_never_imports_the_metric_libraries():
     """torchmetrics and torch-fidelity are the tests' reference only."""
     pattern = re.compile(r"^\s*(?:import|from)\s+(?:torchmetrics|torch_fidelity)\b", re.MULTILINE)

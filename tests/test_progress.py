@@ -148,3 +148,16 @@ def test_help_examples_read_as_typed(cli):
         assert not re.search(r"\S {2,}\S", line), line
     continued = [line for line in description.splitlines() if line.endswith(" \\")]
     assert continued, "an example spread over lines ends them with a backslash"
+
+
+def test_the_sampling_callback_draws_a_bar_per_run(capsys):
+    """generate(batch_invariant=True) runs the sampler once per image through one callback."""
+    from sdxl.sampling.loop import progress_bar
+
+    callback = progress_bar(2)
+    for _image in range(3):
+        for i in range(2):
+            callback(i, None, None)
+    lines = capsys.readouterr().err.splitlines()
+    runs = ["sampling: 1/2 steps (50%)", "sampling: 2/2 steps (100%)"] * 3
+    assert [line.split(",")[0] for line in lines] == runs

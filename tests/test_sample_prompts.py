@@ -191,9 +191,11 @@ def test_a_negative_prompt_is_encoded_and_an_empty_one_is_zeros(tiny_dir, pipe):
     sched = json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
     validator = Validator(tiny_dir, samples, sched)
     assert not validator.text.neg_embeds[0].any() and validator.text.neg_embeds[1].any()
-    got = [_pixels(validator.image(pipe.unet, k)) for k in range(2)]
+    got = [_pixels(validator.image(validator.pipeline(pipe.unet), k)) for k in range(2)]
     for image, neg in zip(got, ("", "blurry"), strict=True):
-        want = pipe.generate("a cat", SampleSettings(neg, 64, 64, 2, GUIDANCE, seed=1))[0]
+        settings = SampleSettings(negative_prompt=neg, width=64, height=64, num_inference_steps=2,
+                                  guidance_scale=GUIDANCE, seed=1)  # fmt: skip
+        want = pipe.generate("a cat", settings)[0]
         assert np.abs(image - _pixels(want)).max() <= 1
 
 

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import typing
-from dataclasses import Field, fields
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from types import NoneType
 
@@ -46,7 +46,8 @@ def setting_argument(f: Field) -> dict:
     kind, optional, meta = TYPES[f.name], f.name in OPTIONAL, f.metadata
     if optional:  # X | None: an X, or unset
         kind = next(k for k in typing.get_args(kind) if k is not NoneType)
-    args = {"default": f.default, "help": meta["help"] or None}
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    args = {"default": default, "help": meta["help"] or None}
     if kind is bool:  # off by default: a switch; on (or unset): --x / --no-x
         switch = f.default is False and not optional
         args["action"] = "store_true" if switch else argparse.BooleanOptionalAction

@@ -71,9 +71,10 @@ def _check_settings(latent_dir: Path, settings: dict, expect: Mapping[str, Any])
     if differ:
         cached = ", ".join(f"{k}={settings.get(k)!r}" for k in differ)
         wanted = ", ".join(f"{k}={expect[k]!r}" for k in differ)
+        flag = " (--image_size on the command line)" if "image_size" in differ else ""
         raise CacheError(
             f"latent cache {latent_dir} was built with {cached} but this run expects {wanted}; "
-            "run with the settings the cache was built with, or rebuild the cache with this run's"
+            f"train with the cache's values{flag}, or from the images to cache them anew"
         )
 
 

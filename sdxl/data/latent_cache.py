@@ -142,20 +142,20 @@ def _encode_shard(
     crop = {"random_crop": opts["random_crop"], "flip": opts["flip"], "seed": opts["seed"]}
     tensors, records = {}, {}
     total = len(indices) * len(variants)
-    bar = Progress(total, "latents", "image", disable=not opts["progress"])
-    for bucket, batch in _bucket_batches(indices, items, buckets, opts["batch_size"]):
-        samples = [
-            (i, px, cond)
-            for i in batch
-            for px, cond in _transform_variants(i, items[i], bucket, **crop)
-        ]
-        mean, std = _encode_batch(vae, [s[1] for s in samples], opts["device"], opts["dtype"])
-        for (i, _, cond), m, sd in zip(samples, mean, std, strict=True):
-            key = _sample_key(i, cond.flipped)
-            tensors[f"{key}.mean"], tensors[f"{key}.std"] = m, sd
-            records[key] = _sample_record(i, items[i], bucket, cond)
-        bar.update(len(samples))
-    bar.close()
+    with Progress(total, "latents", "image", disable=not opts["progress"]) as bar:
+        for bucket, batch in _bucket_batches(indices, items, buckets, opts["batch_size"]):
+            samples = [
+                (i, px, cond)
+                for i in batch
+                for px, cond in _transform_variants(i, items[i], bucket, **crop)
+            ]
+            pixels = [s[1] for s in samples]
+            mean, std = _encode_batch(vae, pixels, opts["device"], opts["dtype"])
+            for (i, _, cond), m, sd in zip(samples, mean, std, strict=True):
+                key = _sample_key(i, cond.flipped)
+                tensors[f"{key}.mean"], tensors[f"{key}.std"] = m, sd
+                records[key] = _sample_record(i, items[i], bucket, cond)
+            bar.update(len(samples))
     return tensors, [records[_sample_key(i, f)] for i in indices for f in variants]
 
 

@@ -96,15 +96,14 @@ def build_text_cache(
     out_dir = Path(out_dir)
     ranges = shard_ranges(len(items), items_per_shard=items_per_shard)
     tokenizers, encoders = _load_text_encoders(model_dir, device, to_dtype(dtype))
-    bar = Progress(len(items), "text", "caption", disable=not progress)
-    for shard, indices in enumerate(ranges):
-        expected = _text_shard_expectation(shard, len(ranges), indices, items)
-        if shard_is_done(out_dir, shard, expected):
-            bar.update(len(indices))
-            continue
-        tensors = _encode_text_shard(tokenizers, encoders, indices, items, batch_size, bar)
-        write_shard(out_dir, shard, tensors, expected)
-    bar.close()
+    with Progress(len(items), "text", "caption", disable=not progress) as bar:
+        for shard, indices in enumerate(ranges):
+            expected = _text_shard_expectation(shard, len(ranges), indices, items)
+            if shard_is_done(out_dir, shard, expected):
+                bar.update(len(indices))
+                continue
+            tensors = _encode_text_shard(tokenizers, encoders, indices, items, batch_size, bar)
+            write_shard(out_dir, shard, tensors, expected)
     embeds, pooled = _encode_texts(tokenizers, encoders, [""])  # (1, 77, D), (1, P)
     empty = {"prompt_embeds": embeds[0].contiguous(), "pooled": pooled[0].contiguous()}
     with atomic_path(out_dir / EMPTY) as tmp:

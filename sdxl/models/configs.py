@@ -98,11 +98,11 @@ class UNetConfig:
         n = len(self.block_out_channels)
         per_level = ("layers_per_block", "transformer_layers_per_block", "num_attention_heads")
         for key in ("down_block_types", "up_block_types", *per_level):
-            _check_len(key, getattr(self, key), n)
-        _check_choices("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES)
-        _check_choices("up_block_types", self.up_block_types, UP_BLOCK_TYPES)
+            _check_unet_len(key, getattr(self, key), n)
+        _check_unet_choices("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES)
+        _check_unet_choices("up_block_types", self.up_block_types, UP_BLOCK_TYPES)
         for key in ("block_out_channels", *per_level):
-            _check_positive(key, getattr(self, key))
+            _check_unet_positive(key, getattr(self, key))
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
                 f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels "
@@ -134,17 +134,19 @@ class UNetConfig:
             block_out_channels=tuple(d["block_out_channels"]),
             down_block_types=tuple(d["down_block_types"]),
             up_block_types=tuple(d["up_block_types"]),
-            layers_per_block=_per_level("layers_per_block", d["layers_per_block"], n),
-            transformer_layers_per_block=_per_level(
+            layers_per_block=_unet_per_level("layers_per_block", d["layers_per_block"], n),
+            transformer_layers_per_block=_unet_per_level(
                 "transformer_layers_per_block", d["transformer_layers_per_block"], n
             ),
-            num_attention_heads=_per_level("attention_head_dim", d["attention_head_dim"], n),
-            cross_attention_dim=_int("cross_attention_dim", d["cross_attention_dim"]),
-            addition_time_embed_dim=_int("addition_time_embed_dim", d["addition_time_embed_dim"]),
-            projection_class_embeddings_input_dim=_int(
+            num_attention_heads=_unet_per_level("attention_head_dim", d["attention_head_dim"], n),
+            cross_attention_dim=_unet_int("cross_attention_dim", d["cross_attention_dim"]),
+            addition_time_embed_dim=_unet_int(
+                "addition_time_embed_dim", d["addition_time_embed_dim"]
+            ),
+            projection_class_embeddings_input_dim=_unet_int(
                 "projection_class_embeddings_input_dim", d["projection_class_embeddings_input_dim"]
             ),
-            norm_num_groups=_int("norm_num_groups", d["norm_num_groups"]),
+            norm_num_groups=_unet_int("norm_num_groups", d["norm_num_groups"]),
             norm_eps=float(d["norm_eps"]),
         )
 
@@ -160,35 +162,35 @@ def _check_fixed(key: str, value: object, allowed: tuple, absent: bool) -> None:
         )
 
 
-def _int(key: str, value: object) -> int:
+def _unet_int(key: str, value: object) -> int:
     """A plain positive int, or a ValueError naming the key."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"unet config: {key} must be a positive int, got {value!r}")
     return value
 
 
-def _per_level(key: str, value: object, n: int) -> tuple[int, ...]:
+def _unet_per_level(key: str, value: object, n: int) -> tuple[int, ...]:
     """An int or a per-level list of ints, as a tuple with one entry per level."""
     values = [value] * n if isinstance(value, int) else value
     if not isinstance(values, list | tuple):
         raise ValueError(f"unet config: {key} must be an int or a list of ints, got {value!r}")
-    return tuple(_int(key, v) for v in values)
+    return tuple(_unet_int(key, v) for v in values)
 
 
-def _check_len(key: str, values: tuple, n: int) -> None:
+def _check_unet_len(key: str, values: tuple, n: int) -> None:
     if len(values) != n:
         raise ValueError(
             f"unet config: {key} has {len(values)} entries, block_out_channels has {n}"
         )
 
 
-def _check_choices(key: str, values: tuple, choices: tuple) -> None:
+def _check_unet_choices(key: str, values: tuple, choices: tuple) -> None:
     bad = [v for v in values if v not in choices]
     if bad:
         raise ValueError(f"unet config: {key} {bad} not supported; supported: {list(choices)}")
 
 
-def _check_positive(key: str, values: tuple) -> None:
+def _check_unet_positive(key: str, values: tuple) -> None:
     if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
         raise ValueError(f"unet config: {key} must hold positive ints, got {list(values)}")
 
@@ -489,6 +491,7 @@ SDXL_BASE = {
 }
 
 # Tiny: text widths 32 + 32 -> cross-attention 64; pooled 32 + 6 time ids x 8 -> 80.
+BUILTIN_TINY = "builtin:tiny"  # the model source that names it (sdxl/tiny.py writes the model)
 TINY_VOCAB_SIZE = 1000  # sdxl.tiny writes a byte-level BPE vocabulary of exactly this size
 
 TINY = {

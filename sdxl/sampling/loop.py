@@ -60,10 +60,14 @@ def run_steps(state: SamplerState, num_steps: int, callback: Callback | None = N
 
 
 def progress_bar(num_steps: int) -> Callback:
-    """A callback that advances a progress bar over the run's steps and closes it after the last."""
-    bar = Progress(num_steps, "sampling", "step", leave=False)
+    """A callback that advances a progress bar over the run's steps and closes it after the last;
+    a next run through the same callback (e.g. one per image) gets a bar of its own."""
+    bar = None
 
     def advance(i: int, _x: Tensor, _x0: Tensor) -> None:
+        nonlocal bar
+        if bar is None or bar.closed:
+            bar = Progress(num_steps, "sampling", "step", leave=False)
         bar.update(1)
         if i == num_steps - 1:
             bar.close()

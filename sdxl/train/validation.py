@@ -79,21 +79,25 @@ class Validator:
         unet.eval()
         device = next(unet.parameters()).device
         self.vae.to(device)
+        pipe = self.pipeline(unet)
         try:
-            images = [self.image(unet, k) for k in range(len(self.samples))]
+            images = [self.image(pipe, k) for k in range(len(self.samples))]
         finally:
             self.vae.to("cpu")
             unet.train(was_training)
         return make_grid(images, [s.prompt for s in self.samples])
 
-    def image(self, unet: torch.nn.Module, k: int) -> Image.Image:
-        """Sample k as generate_images.py would draw it (Euler, its seed, size, steps, cfg)."""
+    def pipeline(self, unet: torch.nn.Module) -> SDXLPipeline:
+        """The pipeline that draws the samples: no text encoders (the prompts are in self.text)."""
+        return SDXLPipeline(unet=unet, vae=self.vae, text_encoders=(), tokenizers=(),
+                            scheduler_config=self.scheduler_config)  # fmt: skip
+
+    def image(self, pipe: SDXLPipeline, k: int) -> Image.Image:
+        """Sample k as generate_images.py would draw it (Euler, its seed, size, steps, cfg);
+        its prompt and negative prompt are encoded already (self.text)."""
         s, t = self.samples[k], self.text
-        pipe = SDXLPipeline(unet=unet, vae=self.vae, text_encoders=(), tokenizers=(),
-                            scheduler_config=self.scheduler_config)  # prompts: in self.text  # fmt: skip
-        settings = SampleSettings(negative_prompt=s.negative, width=s.width, height=s.height,
-                                  num_inference_steps=s.steps, guidance_scale=s.guidance,
-                                  sampler="euler", seed=s.seed)  # fmt: skip
+        settings = SampleSettings(width=s.width, height=s.height, num_inference_steps=s.steps,
+                                  guidance_scale=s.guidance, sampler="euler", seed=s.seed)  # fmt: skip
         text = TextConditioning(t.embeds[k : k + 1], t.pooled[k : k + 1],
                                 t.neg_embeds[k : k + 1], t.neg_pooled[k : k + 1])  # fmt: skip
         return to_pil(pipe.decode(pipe.sample_latents(text, settings)))[0]
