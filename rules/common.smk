@@ -39,21 +39,23 @@ EVAL_DIR = "results/eval"
 EVALUATE = config["evaluate"]["enabled"]
 
 
-def code(script, without=()):
+def code(script, without=(), tiny=False):
     """The code inputs of a job running workflow_scripts/<script>.py, relative to the workdir
     (the script, the helpers beside it, the library modules it can import: see
     sdxl/code_inputs.py). A code change then reruns exactly the jobs that can load it.
-    `without`: modules the job never loads with this workflow's settings."""
+
+    `without`: modules the job never loads with this workflow's settings. sdxl/tiny.py (it
+    makes the builtin:tiny model) counts only with `tiny`: every job but weights is given the
+    prepared model folder, never builtin:tiny.
+    """
+    skip = [*without, *([] if tiny else ["sdxl.tiny"])]
     path = os.path.join(workflow.basedir, "workflow_scripts", f"{script}.py")
-    found = script_code(Path(path), Path(workflow.basedir), without)
+    found = script_code(Path(path), Path(workflow.basedir), skip)
     return [os.path.relpath(p) for p in found]
 
 
 def weights_code():
-    """sdxl/tiny.py makes the builtin:tiny weights; the weights job loads it for that source
-    only."""
-    tiny = config["weights"]["source"] == BUILTIN_TINY
-    return code("weights", without=() if tiny else ["sdxl.tiny"])
+    return code("weights", tiny=config["weights"]["source"] == BUILTIN_TINY)
 
 
 def weights_source(wildcards):

@@ -299,6 +299,7 @@ def load_pipeline(
     """
     from sdxl import weights
     from sdxl.hub import fetch_config_files
+    from sdxl.models.networks import MODEL_CLASSES
 
     dtype = to_dtype(dtype)
     source_str = str(source)
@@ -306,14 +307,15 @@ def load_pipeline(
     if folder.is_file():
         config_dir = Path(config_source) if config_source else fetch_config_files()
         modules = weights.load_single_file(
-            folder, dtype=dtype, device=device, config_dir=config_dir
+            folder, model_classes=MODEL_CLASSES, dtype=dtype, device=device, config_dir=config_dir
         )
     else:
         config_dir = folder
-        names = ("unet", "vae", "text_encoder", "text_encoder_2")
         modules = {
-            n: weights.load_component(folder, n, dtype=dtype, device=device, variant=variant)
-            for n in names
+            n: weights.load_component(
+                folder, n, model_cls=cls, dtype=dtype, device=device, variant=variant
+            )
+            for n, cls in MODEL_CLASSES.items()
         }
     if dtype == torch.float16 and modules["vae"].config.force_upcast:
         modules["vae"].float()  # SDXL's VAE overflows in fp16 (diffusers upcasts it too)

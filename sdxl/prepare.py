@@ -230,9 +230,11 @@ def convert_single_file(path: Path, model_dir: Path, configs: Path) -> None:
     """Convert an SGM single-file SDXL into a diffusers folder (configs taken from `configs`)."""
     from safetensors.torch import save_file
 
+    from sdxl.models.networks import MODEL_CLASSES
     from sdxl.weights import COMPONENTS, load_single_file
 
-    modules = load_single_file(path, dtype=None, device="cpu", config_dir=configs)
+    modules = load_single_file(path, model_classes=MODEL_CLASSES, dtype=None, device="cpu",
+                               config_dir=configs)  # fmt: skip
     for name in COMPONENTS:
         stem = "diffusion_pytorch_model" if name in ("unet", "vae") else "model"
         (model_dir / name).mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from sdxl import convert
 from sdxl.errors import UserError
-from sdxl.models.configs import BUILTIN_TINY, SDXL_BASE, CLIPTextConfig, UNetConfig, VAEConfig
+from sdxl.models.configs import BUILTIN_TINY, SDXL_BASE, VAEConfig
 from sdxl.utils import atomic_path, to_dtype
 
 COMPONENTS = convert.COMPONENTS
@@ -172,23 +172,6 @@ def load_component_state_dict(
 # ----------------------------------------------------------------------------- models
 
 
-def _model_classes(name: str) -> tuple[type, type]:
-    """(config class, model class) for a component; the model module is imported lazily."""
-    if name == "unet":
-        from sdxl.models.unet import UNet2DConditionModel
-
-        return UNetConfig, UNet2DConditionModel
-    if name == "vae":
-        from sdxl.models.vae import AutoencoderKL
-
-        return VAEConfig, AutoencoderKL
-    if name in ("text_encoder", "text_encoder_2"):
-        from sdxl.models.clip import CLIPTextModel
-
-        return CLIPTextConfig, CLIPTextModel
-    raise ValueError(f"unknown component {name!r}; expected one of {list(COMPONENTS)}")
-
-
 def _check_declared_class(name: str, config: dict, source: str) -> None:
     """Reject a config.json that declares another model class (e.g. a UNet config in vae/)."""
     field, want = _EXPECTED_CLASS[name]
@@ -203,12 +186,17 @@ def _check_declared_class(name: str, config: dict, source: str) -> None:
         )
 
 
-def build_on_meta(name: str, config: dict, source: str = "config") -> nn.Module:
-    """Build component `name` from its config.json dict on the meta device (no memory, no init)."""
+def build_on_meta(name: str, model_cls: type[nn.Module], config: dict,
+                  source: str = "config") -> nn.Module:  # fmt: skip
+    """Build component `name` as a `model_cls` (its `config_class` reads config.json's dict) on
+    the meta device (no memory, no init).
+
+    The caller names the network class, so this module imports none: a job that loads only the
+    VAE depends on sdxl/models/vae.py alone (the workflow derives its code inputs from imports).
+    """
     _check_declared_class(name, config, source)
-    config_cls, model_cls = _model_classes(name)
     try:
-        cfg = config_cls.from_dict(config)
+        cfg = model_cls.config_class.from_dict(config)
     except (ValueError, TypeError, KeyError) as err:
         raise WeightsError(
             f"{source}: unsupported {name} config ({err}); this library loads SDXL base "
@@ -218,20 +206,13 @@ def build_on_meta(name: str, config: dict, source: str = "config") -> nn.Module:
         return model_cls(cfg)
 
 
-def _ignored_keys() -> set[str]:
-    """Buffers a checkpoint may carry that our modules recompute in forward."""
-    from sdxl.models import clip
-
-    ignored = set(getattr(clip, "IGNORED_KEYS", ()))
-    return ignored | {k.removeprefix("text_model.") for k in ignored}
-
-
-def _align_keys(sd: dict, expected: dict, is_text: bool) -> dict:
-    """Drop ignorable buffers; for CLIP, match the `text_model.` prefix the model uses.
+def _align_keys(sd: dict, expected: dict, is_text: bool, ignorable: tuple[str, ...]) -> dict:
+    """Drop ignorable buffers (the model class's `ignored_keys`); for CLIP, match the
+    `text_model.` prefix the model uses.
 
     transformers >= 5.6 writes CLIPTextModel without that prefix; the SDXL hub files have it.
     """
-    ignored = _ignored_keys() if is_text else set()
+    ignored = {*ignorable, *(k.removeprefix("text_model.") for k in ignorable)}
     out = {}
     for key, value in sd.items():
         if key not in expected and is_text:
@@ -279,7 +260,8 @@ def _check_keys(sd: dict, expected: dict, source: str, name: str) -> None:
 def assign_state_dict(model: nn.Module, sd: dict, source: str, name: str) -> nn.Module:
     """Load `sd` strictly into a meta-device `model` by assignment; return it frozen in eval mode."""
     expected = model.state_dict()
-    sd = _align_keys(sd, expected, is_text=name.startswith("text_encoder"))
+    ignorable = getattr(type(model), "ignored_keys", ())
+    sd = _align_keys(sd, expected, name.startswith("text_encoder"), ignorable)
     _check_keys(sd, expected, source, name)
     model.load_state_dict(sd, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -310,11 +292,13 @@ def load_component(
     model_dir: str | Path,
     name: str,
     *,
+    model_cls: type[nn.Module],
     dtype: str | torch.dtype | None,
     device: str | torch.device,
     variant: str | None = None,
 ) -> nn.Module:
-    """Load `<model_dir>/<name>/` (diffusers layout) into our module, strictly, frozen, in eval."""
+    """Load `<model_dir>/<name>/` (diffusers layout) into a `model_cls` (e.g. AutoencoderKL for
+    "vae"), strictly, frozen, in eval."""
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; expected one of {list(COMPONENTS)}")
     folder = Path(model_dir) / name
@@ -325,7 +309,7 @@ def load_component(
             "writes one), or pass a single-file .safetensors checkpoint"
         )
     config_path = folder / "config.json"
-    model = build_on_meta(name, _read_config(config_path), str(config_path))
+    model = build_on_meta(name, model_cls, _read_config(config_path), str(config_path))
     weights = find_component_weights(folder, variant)
     return assign_state_dict(model, load_weights(weights, device, dtype), str(weights), name)
 
@@ -362,15 +346,16 @@ def load_vae(
     model_dir: str | Path,
     vae_dir: str | Path | None = None,
     *,
+    model_cls: type[nn.Module],
     device: str | torch.device,
     dtype: str | torch.dtype | None,
 ) -> nn.Module:
     """The model's VAE, or a separate one (e.g. sdxl-vae-fp16-fix: a folder with config.json
-    and weights, or with vae/), strictly, frozen, in eval mode."""
+    and weights, or with vae/), as a `model_cls` (AutoencoderKL), strictly, frozen, in eval."""
     if vae_dir is None:
-        return load_component(model_dir, "vae", dtype=dtype, device=device)
+        return load_component(model_dir, "vae", model_cls=model_cls, dtype=dtype, device=device)
     folder = _vae_folder(model_dir, vae_dir)
-    model = build_on_meta("vae", _vae_config(folder), str(folder / "config.json"))
+    model = build_on_meta("vae", model_cls, _vae_config(folder), str(folder / "config.json"))
     sd = load_component_state_dict(folder, device=device, dtype=dtype)
     return assign_state_dict(model, sd, str(folder), "vae")
 
@@ -485,12 +470,14 @@ def _in_components(key: str) -> bool:
 def load_single_file(
     path: str | Path,
     *,
+    model_classes: dict[str, type[nn.Module]],
     dtype: str | torch.dtype | None,
     device: str | torch.device,
     configs: dict | None = None,
     config_dir: str | Path | None = None,
 ) -> dict[str, nn.Module]:
-    """Load an SGM single-file SDXL `.safetensors` (A1111/ComfyUI format) into our four modules.
+    """Load an SGM single-file SDXL `.safetensors` (A1111/ComfyUI format) into our four modules
+    (`model_classes`: component name -> network class, sdxl.models.networks.MODEL_CLASSES).
 
     Configs come from `configs` (name -> config.json dict), else `config_dir` (a diffusers
     folder holding `<name>/config.json`), else SDXL base.
@@ -511,7 +498,9 @@ def load_single_file(
             "VAE and both text encoders is needed"
         )
     return {
-        n: assign_state_dict(build_on_meta(n, configs[n]), parts.pop(n), f"{path} [{n}]", n)
+        n: assign_state_dict(
+            build_on_meta(n, model_classes[n], configs[n]), parts.pop(n), f"{path} [{n}]", n
+        )
         for n in COMPONENTS
     }
 

@@ -22,6 +22,7 @@ from sdxl.data.latent_cache import (
 from sdxl.data.shards import CacheError
 from sdxl.data.text_cache import build_text_cache
 from sdxl.data.transforms import transform_image
+from sdxl.models.networks import MODEL_CLASSES
 from sdxl.sharding import shard_ranges
 from sdxl.weights import WeightsError
 
@@ -67,7 +68,9 @@ def built(items, tiny_dir, tmp_path_factory):
 def vae(tiny_dir):
     from sdxl.weights import load_component
 
-    return load_component(tiny_dir, "vae", dtype=torch.float32, device="cpu").eval()
+    return load_component(
+        tiny_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,9 @@ def text_models(tiny_dir):
     from sdxl.weights import load_component
 
     encoders = tuple(
-        load_component(tiny_dir, n, dtype=torch.float32, device="cpu").eval()
+        load_component(
+            tiny_dir, n, model_cls=MODEL_CLASSES[n], dtype=torch.float32, device="cpu"
+        ).eval()
         for n in ("text_encoder", "text_encoder_2")
     )
     return load_tokenizers(tiny_dir), encoders

@@ -15,7 +15,7 @@ from sdxl.models.clip import (
 )
 from sdxl.models.configs import SCHEDULER, SDXL_BASE, TINY, CLIPTextConfig
 from sdxl.text import MAX_LENGTH, encode_prompts, load_tokenizers, tokenize
-from sdxl.tiny import END, write_tokenizer
+from sdxl.tiny_tokenizer import END, write_tokenizer
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 HF_CLASSES = {

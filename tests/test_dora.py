@@ -30,6 +30,7 @@ from sdxl.lora_formats import load_lora_file
 from sdxl.lora_formats.kohya import save_kohya
 from sdxl.lora_formats.seed import save_seed_pt
 from sdxl.models.configs import TINY
+from sdxl.models.networks import MODEL_CLASSES
 from tests.test_lora import ours, rel_err, run
 from tests.test_train import _cfg, small_dataset  # noqa: F401  (fixture)
 
@@ -264,7 +265,9 @@ def test_training_writes_dora_that_diffusers_applies_like_us(dora_run, tiny_dir,
     downs = [k for k in tensors if k.endswith(".lora_down.weight")]
     scales = [k for k in tensors if k.endswith(".dora_scale")]
     assert len(scales) == len(downs) > 0
-    unet = load_component(tiny_dir, "unet", dtype=torch.float32, device="cpu").eval()
+    unet = load_component(
+        tiny_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
+    ).eval()
     weights = dict(unet.named_modules())
     state, _ = load_lora_file(path, unet)
     moved = [k for k in state if k.endswith(".dora_scale")

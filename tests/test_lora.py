@@ -471,7 +471,7 @@ def tiny_pipeline(base_state, tmp_path):
         CLIPTokenizer,
     )
 
-    from sdxl.tiny import write_tokenizer
+    from sdxl.tiny_tokenizer import write_tokenizer
 
     unet = diffusers.UNet2DConditionModel.from_config(TINY["unet"])
     unet.load_state_dict(base_state, strict=True)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdxl.cli.train import build_parser, config_from_args
+from sdxl.models.networks import MODEL_CLASSES
 from sdxl.train.config import TrainConfig
 from sdxl.train.loop import train
 from sdxl.train.text_encoding import StepText, shuffle_caption
@@ -193,7 +194,7 @@ def test_diffusers_loads_the_text_encoder_lora_with_our_effect(tiny_dir, te_run,
     base = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     theirs = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
-    encoders = [load_component(tiny_dir, n, dtype=torch.float32, device="cpu")
+    encoders = [load_component(tiny_dir, n, model_cls=MODEL_CLASSES[n], dtype=torch.float32, device="cpu")
                 for n in TEXT_ENCODERS]  # fmt: skip
     state, info = load_lora_file(lora, text_encoders=True)
     assert not info.ignored

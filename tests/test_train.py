@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sdxl.errors import UserError
+from sdxl.models.networks import MODEL_CLASSES
 from sdxl.train.config import TrainConfig
 from sdxl.train.loop import train
 from tests.interrupt import killed_after_step
@@ -108,7 +109,9 @@ def _eval_loss(tiny_dir, cache_dir, lora_file: Path | None) -> float:
     from sdxl.train.loss import draw_step_noise, per_sample_loss
     from sdxl.weights import load_component
 
-    unet = load_component(tiny_dir, "unet", dtype=torch.float32, device="cpu")
+    unet = load_component(
+        tiny_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
+    )
     if lora_file is not None:
         apply_loras(unet, [(load_lora_file(lora_file, unet)[0], 1.0)])
     data = CachedDataset(cache_dir / "latents", cache_dir / "text")
@@ -154,7 +157,9 @@ def test_bf16_base_lora_updates_are_not_lost(tiny_dir, cache_dir, tmp_path):
     from sdxl.lora import LoRAConfig, inject_lora, lora_state_dict
     from sdxl.weights import load_component
 
-    unet = load_component(tiny_dir, "unet", dtype=torch.bfloat16, device="cpu")
+    unet = load_component(
+        tiny_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.bfloat16, device="cpu"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         inject_lora(unet, LoRAConfig(rank=4, alpha=4.0))
@@ -586,7 +591,9 @@ def test_caption_dropout_trains_on_the_empty_caption(tiny_dir, cache_dir):
     from sdxl.train.loss import draw_step_noise, per_sample_loss
     from sdxl.weights import load_component
 
-    unet = load_component(tiny_dir, "unet", dtype=torch.float32, device="cpu")
+    unet = load_component(
+        tiny_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
+    )
     data = CachedDataset(cache_dir / "latents", cache_dir / "text")
     schedule = NoiseSchedule.from_config(
         json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from sdxl import convert
 from sdxl.models.configs import SCHEDULER, SDXL_BASE, TINY
+from sdxl.models.networks import MODEL_CLASSES
 from sdxl.weights import (
     WeightsError,
     build_on_meta,
@@ -294,7 +295,9 @@ def test_detect_architecture_sdxl_base():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_component_matches_reference(ref_dir, ref_sds, dtype):
     for name in convert.COMPONENTS:
-        model = load_component(ref_dir, name, dtype=dtype, device="cpu")
+        model = load_component(
+            ref_dir, name, model_cls=MODEL_CLASSES[name], dtype=dtype, device="cpu"
+        )
         assert not model.training
         assert not any(p.requires_grad for p in model.parameters())
         _assert_same(model.state_dict(), ref_sds[name], dtype)
@@ -310,13 +313,19 @@ def test_hub_layout_text_encoder_with_position_ids(ref_dir, ref_sds, tmp_path):
         ref_sds["text_encoder"], **{"text_model.embeddings.position_ids": torch.arange(77)[None]}
     )
     save_file(sd, folder / "model.safetensors")
-    model = load_component(tmp_path / "m", "text_encoder", dtype=torch.float32, device="cpu")
+    model = load_component(
+        tmp_path / "m",
+        "text_encoder",
+        model_cls=MODEL_CLASSES["text_encoder"],
+        dtype=torch.float32,
+        device="cpu",
+    )
     _assert_same(model.state_dict(), ref_sds["text_encoder"])
 
 
 @needs_models
 def test_build_on_meta_allocates_nothing():
-    model = build_on_meta("unet", SDXL_BASE["unet"])
+    model = build_on_meta("unet", MODEL_CLASSES["unet"], SDXL_BASE["unet"])
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) > 2_500_000_000
 
@@ -327,24 +336,48 @@ def test_fp16_variant_and_sharded_folders(ref_models, ref_sds, tmp_path):
     unet.save_pretrained(tmp_path / "fp32" / "unet", max_shard_size="200KB")
     index = tmp_path / "fp32" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     assert index.exists()
-    model = load_component(tmp_path / "fp32", "unet", dtype=torch.float32, device="cpu")
+    model = load_component(
+        tmp_path / "fp32",
+        "unet",
+        model_cls=MODEL_CLASSES["unet"],
+        dtype=torch.float32,
+        device="cpu",
+    )
     _assert_same(model.state_dict(), ref_sds["unet"])
     with pytest.raises(WeightsError, match="no fp16-variant safetensors"):
-        load_component(tmp_path / "fp32", "unet", dtype=torch.float16, device="cpu", variant="fp16")
+        load_component(
+            tmp_path / "fp32",
+            "unet",
+            model_cls=MODEL_CLASSES["unet"],
+            dtype=torch.float16,
+            device="cpu",
+            variant="fp16",
+        )
 
     te2 = copy.deepcopy(ref_models["text_encoder_2"]).half()
     te2.save_pretrained(tmp_path / "fp16" / "text_encoder_2", variant="fp16")
     want = {k: v.half() for k, v in ref_sds["text_encoder_2"].items()}
     for variant in ("fp16", None):  # None falls back to fp16 when there is no fp32 file
         model = load_component(
-            tmp_path / "fp16", "text_encoder_2", dtype=torch.float16, device="cpu", variant=variant
+            tmp_path / "fp16",
+            "text_encoder_2",
+            model_cls=MODEL_CLASSES["text_encoder_2"],
+            dtype=torch.float16,
+            device="cpu",
+            variant=variant,
         )
         _assert_same(model.state_dict(), want, torch.float16)
 
     shard = sorted((tmp_path / "fp32" / "unet").glob("*-00002-of-*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(WeightsError, match="shard"):
-        load_component(tmp_path / "fp32", "unet", dtype=torch.float32, device="cpu")
+        load_component(
+            tmp_path / "fp32",
+            "unet",
+            model_cls=MODEL_CLASSES["unet"],
+            dtype=torch.float32,
+            device="cpu",
+        )
 
 
 @pytest.fixture
@@ -356,10 +389,14 @@ def vae_dir(ref_dir, tmp_path):
 
 def test_missing_folder_and_config(vae_dir):
     with pytest.raises(WeightsError, match="component folder not found"):
-        load_component(vae_dir, "unet", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
+        )
     (vae_dir / "vae" / "config.json").unlink()
     with pytest.raises(WeightsError, match=r"config\.json: missing"):
-        load_component(vae_dir, "vae", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
+        )
 
 
 @needs_models
@@ -382,7 +419,9 @@ def test_damaged_weights_file(vae_dir, damage):
         path.unlink()
     match = "no safetensors weights" if damage == "missing" else "download it again"
     with pytest.raises(WeightsError, match=match) as err:
-        load_component(vae_dir, "vae", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
+        )
     assert str(path.parent) in str(err.value)
 
 
@@ -393,7 +432,9 @@ def test_shape_and_key_mismatches(vae_dir):
     bad = dict(sd, **{"decoder.conv_in.bias": torch.zeros(7)})
     save_file(bad, path)
     with pytest.raises(WeightsError, match=r"decoder\.conv_in\.bias: expected \(32,\), got \(7,\)"):
-        load_component(vae_dir, "vae", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
+        )
     partial = {k: v for k, v in sd.items() if not k.startswith("decoder.mid_block")}
     partial["extra.weight"] = torch.zeros(1)
     save_file(partial, path)
@@ -401,7 +442,9 @@ def test_shape_and_key_mismatches(vae_dir):
         WeightsError,
         match=r"missing key\(s\).*decoder\.mid_block.*1 unexpected key\(s\) \(e\.g\. extra\.weight\)",
     ):
-        load_component(vae_dir, "vae", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
+        )
 
 
 @needs_models
@@ -409,20 +452,32 @@ def test_config_of_another_architecture(vae_dir):
     config_path = vae_dir / "vae" / "config.json"
     config_path.write_text(json.dumps(TINY["unet"]))
     with pytest.raises(WeightsError, match="must hold a AutoencoderKL config"):
-        load_component(vae_dir, "vae", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
+        )
     sd15_unet = dict(TINY["unet"], addition_embed_type=None, cross_attention_dim=768)
     shutil.copytree(vae_dir / "vae", vae_dir / "unet")
     (vae_dir / "unet" / "config.json").write_text(json.dumps(sd15_unet))
     with pytest.raises(WeightsError, match="unsupported unet config"):
-        load_component(vae_dir, "unet", dtype=torch.float32, device="cpu")
+        load_component(
+            vae_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
+        )
 
 
 @needs_models
 def test_load_vae_from_the_model_or_a_separate_folder(vae_dir, tmp_path):
-    own = load_vae(vae_dir, device="cpu", dtype=torch.float32).state_dict()
+    own = load_vae(
+        vae_dir, model_cls=MODEL_CLASSES["vae"], device="cpu", dtype=torch.float32
+    ).state_dict()
     shutil.copytree(vae_dir / "vae", tmp_path / "sdxl-vae")  # config.json + weights at the top
     for folder in (tmp_path / "sdxl-vae", vae_dir):  # a VAE folder, or a model folder with vae/
-        other = load_vae(tmp_path / "elsewhere", folder, device="cpu", dtype=torch.float32)
+        other = load_vae(
+            tmp_path / "elsewhere",
+            folder,
+            model_cls=MODEL_CLASSES["vae"],
+            device="cpu",
+            dtype=torch.float32,
+        )
         _assert_same(other.state_dict(), own, torch.float32)
     want = json.loads((vae_dir / "vae" / "config.json").read_text())["scaling_factor"]
     assert vae_scaling_factor(vae_dir) == vae_scaling_factor(tmp_path, vae_dir) == want
@@ -438,7 +493,9 @@ def test_single_file_save_and_load(ref_dir, ref_sds, tmp_path):
     path = save_single_file(ref_sds, tmp_path / "sdxl.safetensors", configs=TINY)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic: no temp left
     for kwargs in ({"configs": TINY}, {"config_dir": ref_dir}):
-        models = load_single_file(path, dtype=torch.bfloat16, device="cpu", **kwargs)
+        models = load_single_file(
+            path, model_classes=MODEL_CLASSES, dtype=torch.bfloat16, device="cpu", **kwargs
+        )
         for name in convert.COMPONENTS:
             assert not models[name].training
             _assert_same(models[name].state_dict(), ref_sds[name], torch.bfloat16)
@@ -454,21 +511,37 @@ def test_single_file_errors(ref_sds, tmp_path):
     }
     save_file(sd15, tmp_path / "sd15.safetensors")
     with pytest.raises(WeightsError, match=r"sd15\.safetensors: this is a Stable Diffusion 1\.x"):
-        load_single_file(tmp_path / "sd15.safetensors", dtype=torch.float32, device="cpu")
+        load_single_file(
+            tmp_path / "sd15.safetensors",
+            model_classes=MODEL_CLASSES,
+            dtype=torch.float32,
+            device="cpu",
+        )
     no_vae = {n: sd for n, sd in ref_sds.items() if n != "vae"}
     save_single_file(no_vae, tmp_path / "novae.safetensors", configs=TINY)
     with pytest.raises(WeightsError, match=r"no weights for \['vae'\]"):
         load_single_file(
-            tmp_path / "novae.safetensors", dtype=torch.float32, device="cpu", configs=TINY
+            tmp_path / "novae.safetensors",
+            model_classes=MODEL_CLASSES,
+            dtype=torch.float32,
+            device="cpu",
+            configs=TINY,
         )
     full = save_single_file(ref_sds, tmp_path / "tiny.safetensors", configs=TINY)
     with pytest.raises(WeightsError, match="missing key"):  # tiny weights, SDXL base configs
-        load_single_file(full, dtype=torch.float32, device="cpu")
+        load_single_file(full, model_classes=MODEL_CLASSES, dtype=torch.float32, device="cpu")
     (tmp_path / "model.ckpt").write_bytes(b"x")
     with pytest.raises(WeightsError, match="only .safetensors"):
-        load_single_file(tmp_path / "model.ckpt", dtype=torch.float32, device="cpu")
+        load_single_file(
+            tmp_path / "model.ckpt", model_classes=MODEL_CLASSES, dtype=torch.float32, device="cpu"
+        )
     with pytest.raises(WeightsError, match="file not found"):
-        load_single_file(tmp_path / "nope.safetensors", dtype=torch.float32, device="cpu")
+        load_single_file(
+            tmp_path / "nope.safetensors",
+            model_classes=MODEL_CLASSES,
+            dtype=torch.float32,
+            device="cpu",
+        )
 
 
 def test_diffusers_from_single_file_reads_our_file(tmp_path):
@@ -479,7 +552,7 @@ def test_diffusers_from_single_file_reads_our_file(tmp_path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    from sdxl.tiny import write_tokenizer
+    from sdxl.tiny_tokenizer import write_tokenizer
 
     configs = copy.deepcopy(TINY)
     configs["text_encoder_2"].update(hidden_size=48, intermediate_size=96)

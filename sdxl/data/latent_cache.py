@@ -32,6 +32,7 @@ from sdxl.data.shards import (
     write_shard,
 )
 from sdxl.data.transforms import MicroConditioning, transform_image
+from sdxl.models.vae import AutoencoderKL
 from sdxl.progress import Progress
 from sdxl.sharding import shard_ranges
 from sdxl.utils import to_dtype
@@ -250,7 +251,8 @@ def _build_latent_shards(items, model_dir, out_dir: Path, ranges, todo, settings
             log.info("%s/%s is complete; skipping it", out_dir, shard_name(shard))
             continue
         if vae is None:
-            vae = load_vae(model_dir, opts["vae_dir"], device=opts["device"], dtype=opts["dtype"])
+            vae = load_vae(model_dir, opts["vae_dir"], model_cls=AutoencoderKL,
+                           device=opts["device"], dtype=opts["dtype"])  # fmt: skip
         tensors, records = _encode_shard(vae, ranges[shard], items, buckets, opts)
         write_shard(out_dir, shard, tensors, {**expected, "items": records})
     del vae

@@ -28,6 +28,7 @@ from sdxl.data.shards import (
     write_index,
     write_shard,
 )
+from sdxl.models.clip import CLIPTextModel
 from sdxl.progress import Progress
 from sdxl.sharding import shard_ranges
 from sdxl.text import encode_prompts, load_tokenizers
@@ -39,7 +40,7 @@ TEXT_ITEMS_PER_SHARD = 256
 
 def _load_text_encoders(model_dir, device, dtype):
     encoders = tuple(
-        load_component(model_dir, name, dtype=dtype, device=device).eval().requires_grad_(False)
+        load_component(model_dir, name, model_cls=CLIPTextModel, dtype=dtype, device=device)
         for name in ("text_encoder", "text_encoder_2")
     )
     return load_tokenizers(model_dir), encoders

@@ -30,7 +30,7 @@ def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from sdxl.models.configs import TINY_VOCAB_SIZE
-    from sdxl.tiny import write_tokenizer
+    from sdxl.tiny_tokenizer import write_tokenizer
 
     folder = Path(folder)
     text = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64,

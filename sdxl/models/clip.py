@@ -108,6 +108,9 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(nn.Module):
     """CLIP text encoder returning what SDXL conditions on: an inner hidden state and the pooled EOS."""
 
+    config_class = CLIPTextConfig  # what sdxl.weights reads config.json into
+    ignored_keys = IGNORED_KEYS  # checkpoint keys a strict load drops
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.config = cfg

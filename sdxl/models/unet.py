@@ -424,6 +424,8 @@ class UpBlock(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """Latent noise prediction eps(x_t, t, text, pooled text, size/crop ids) of SDXL."""
 
+    config_class = UNetConfig  # what sdxl.weights reads config.json into
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config

@@ -206,6 +206,8 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Ten
 class AutoencoderKL(nn.Module):
     """The KL-regularised autoencoder; state_dict keys equal diffusers' AutoencoderKL."""
 
+    config_class = VAEConfig  # what sdxl.weights reads config.json into
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config

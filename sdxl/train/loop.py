@@ -94,10 +94,12 @@ class Trainer:
         self.step = self._make_step()
 
     def _build_model(self) -> None:
+        from sdxl.models.unet import UNet2DConditionModel
         from sdxl.weights import load_component
 
         cfg, device = self.cfg, self.dist.device
-        self.unet = load_component(self.model_dir, "unet", dtype=self.dtype, device=device)
+        self.unet = load_component(self.model_dir, "unet", model_cls=UNet2DConditionModel,
+                                   dtype=self.dtype, device=device)  # fmt: skip
         if cfg.fused_qkv:
             self.unet.fuse_qkv()  # before the LoRA goes in: it stacks on the fused weight
         self.unet.set_gradient_checkpointing(

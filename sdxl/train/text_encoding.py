@@ -67,13 +67,14 @@ class StepText:
     def __init__(self, model_dir: Path, cfg: TrainConfig, device: torch.device,
                  dtype: torch.dtype,
                  options: Callable[[int], tuple[bool, int]] | None = None):  # fmt: skip
+        from sdxl.models.clip import CLIPTextModel
         from sdxl.weights import load_component
 
         self.cfg, self.device = cfg, device
         self.trained = cfg.train_text_encoder
         self.tokenizers = load_tokenizers(model_dir)
-        self.encoders = [load_component(model_dir, n, dtype=dtype, device=device)
-                         for n in TEXT_ENCODERS]  # fmt: skip
+        self.encoders = [load_component(model_dir, n, model_cls=CLIPTextModel, dtype=dtype,
+                                        device=device) for n in TEXT_ENCODERS]  # fmt: skip
         for encoder in self.encoders:
             encoder.requires_grad_(False)
             encoder.eval()

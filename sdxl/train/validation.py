@@ -21,6 +21,9 @@ from PIL import Image, PngImagePlugin
 
 from sdxl.conditioning import TextConditioning, encode_text
 from sdxl.images import make_grid
+from sdxl.models.clip import CLIPTextModel
+from sdxl.models.unet import UNet2DConditionModel
+from sdxl.models.vae import AutoencoderKL
 from sdxl.pipeline import SampleSettings, SDXLPipeline, to_pil
 from sdxl.text import load_tokenizers
 from sdxl.train.sample_prompts import SamplePrompt
@@ -42,11 +45,11 @@ class Validator:
         index = model_dir / "model_index.json"
         index = json.loads(index.read_text()) if index.is_file() else {}
         self.zero_empty = index.get("force_zeros_for_empty_prompt", True)
-        encoders = [load_component(model_dir, n, dtype=torch.float32, device="cpu")
-                    for n in ("text_encoder", "text_encoder_2")]  # fmt: skip
+        encoders = [load_component(model_dir, n, model_cls=CLIPTextModel, dtype=torch.float32,
+                                   device="cpu") for n in ("text_encoder", "text_encoder_2")]  # fmt: skip
         self.encode(load_tokenizers(model_dir), encoders)
         del encoders
-        self.vae = load_vae(model_dir, device="cpu", dtype=torch.float32)
+        self.vae = load_vae(model_dir, model_cls=AutoencoderKL, device="cpu", dtype=torch.float32)
         self.key = json.dumps({"samples": [asdict(s) for s in self.samples],
                                "model_id": model_identity(model_dir)}, sort_keys=True)  # fmt: skip
         self.drawn: set[int] = set()  # steps this validator has drawn
@@ -147,7 +150,8 @@ def _draw(todo, model_dir, samples, device, precision) -> None:
 
     sched = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
     validator = Validator(Path(model_dir), samples, sched)
-    unet = load_component(model_dir, "unet", dtype=to_dtype(precision), device=device)
+    unet = load_component(model_dir, "unet", model_cls=UNet2DConditionModel,
+                          dtype=to_dtype(precision), device=device)  # fmt: skip
     text_lora = False  # whether the prompts were last encoded through a text-encoder LoRA
     for lora, grid_path, key in todo:
         if lora is None:  # the base model: step 0
@@ -172,8 +176,8 @@ def _encode_through(validator: Validator, model_dir: Path, parts: dict) -> bool:
     from sdxl.lora import apply_loras
     from sdxl.text_lora import TEXT_ENCODERS
 
-    encoders = [load_component(model_dir, n, dtype=torch.float32, device="cpu")
-                for n in TEXT_ENCODERS]  # fmt: skip
+    encoders = [load_component(model_dir, n, model_cls=CLIPTextModel, dtype=torch.float32,
+                               device="cpu") for n in TEXT_ENCODERS]  # fmt: skip
     for name, encoder in zip(TEXT_ENCODERS, encoders, strict=True):
         if name in parts:
             apply_loras(encoder, [(parts[name], 1.0)])
