@@ -439,9 +439,12 @@ def test_code_inputs_hold_every_module_each_job_loaded(finished):
     assert set(loaded) == set(declared) - {"pack_webdataset"}  # the demo packs no tars
     for job, files in loaded.items():
         assert files <= declared[job], f"{job} loaded undeclared {sorted(files - declared[job])}"
-    # Left out on purpose: the train job draws no grids (validate_lora does).
+    # Left out on purpose: the train job draws no grids (validate_lora does); only the weights
+    # job makes the tiny model; a cache job depends on its own network alone.
     assert "sdxl/train/validation.py" not in declared["train_lora"]
     assert "sdxl/train/validation.py" in declared["validate_lora"]
+    assert [job for job, files in declared.items() if "sdxl/tiny.py" in files] == ["weights"]
+    assert "sdxl/models/unet.py" not in declared["cache_latents"] | declared["cache_text"]
 
 
 def test_killed_training_resumes_from_its_checkpoint(finished, tmp_path):
