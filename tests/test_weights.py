@@ -7,7 +7,6 @@ diffusers' own single-file converters, and our loaders must reproduce their tens
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 
@@ -31,11 +30,10 @@ from sdxl.weights import (
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-_MODEL_MODULES = ("sdxl.models.unet", "sdxl.models.vae", "sdxl.models.clip")
-needs_models = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in _MODEL_MODULES),
-    reason="sdxl.models.{unet,vae,clip} are not written yet",
-)
+def _load(folder, name: str, dtype=torch.float32, **kwargs):
+    """load_component on the CPU into the network class of component `name`."""
+    return load_component(folder, name, model_cls=MODEL_CLASSES[name], dtype=dtype,
+                          device="cpu", **kwargs)  # fmt: skip
 
 
 def _reference_models(configs: dict, seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -291,19 +289,15 @@ def test_detect_architecture_sdxl_base():
 # ----------------------------------------------------------------------------- loading
 
 
-@needs_models
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_component_matches_reference(ref_dir, ref_sds, dtype):
     for name in convert.COMPONENTS:
-        model = load_component(
-            ref_dir, name, model_cls=MODEL_CLASSES[name], dtype=dtype, device="cpu"
-        )
+        model = _load(ref_dir, name, dtype=dtype)
         assert not model.training
         assert not any(p.requires_grad for p in model.parameters())
         _assert_same(model.state_dict(), ref_sds[name], dtype)
 
 
-@needs_models
 def test_hub_layout_text_encoder_with_position_ids(ref_dir, ref_sds, tmp_path):
     """The SDXL hub files keep `text_model.` and an int64 position_ids buffer; both load."""
     folder = tmp_path / "m" / "text_encoder"
@@ -313,71 +307,37 @@ def test_hub_layout_text_encoder_with_position_ids(ref_dir, ref_sds, tmp_path):
         ref_sds["text_encoder"], **{"text_model.embeddings.position_ids": torch.arange(77)[None]}
     )
     save_file(sd, folder / "model.safetensors")
-    model = load_component(
-        tmp_path / "m",
-        "text_encoder",
-        model_cls=MODEL_CLASSES["text_encoder"],
-        dtype=torch.float32,
-        device="cpu",
-    )
+    model = _load(tmp_path / "m", "text_encoder")
     _assert_same(model.state_dict(), ref_sds["text_encoder"])
 
 
-@needs_models
 def test_build_on_meta_allocates_nothing():
     model = build_on_meta("unet", MODEL_CLASSES["unet"], SDXL_BASE["unet"])
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) > 2_500_000_000
 
 
-@needs_models
 def test_fp16_variant_and_sharded_folders(ref_models, ref_sds, tmp_path):
     unet = copy.deepcopy(ref_models["unet"])
     unet.save_pretrained(tmp_path / "fp32" / "unet", max_shard_size="200KB")
     index = tmp_path / "fp32" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     assert index.exists()
-    model = load_component(
-        tmp_path / "fp32",
-        "unet",
-        model_cls=MODEL_CLASSES["unet"],
-        dtype=torch.float32,
-        device="cpu",
-    )
+    model = _load(tmp_path / "fp32", "unet")
     _assert_same(model.state_dict(), ref_sds["unet"])
     with pytest.raises(WeightsError, match="no fp16-variant safetensors"):
-        load_component(
-            tmp_path / "fp32",
-            "unet",
-            model_cls=MODEL_CLASSES["unet"],
-            dtype=torch.float16,
-            device="cpu",
-            variant="fp16",
-        )
+        _load(tmp_path / "fp32", "unet", dtype=torch.float16, variant="fp16")
 
     te2 = copy.deepcopy(ref_models["text_encoder_2"]).half()
     te2.save_pretrained(tmp_path / "fp16" / "text_encoder_2", variant="fp16")
     want = {k: v.half() for k, v in ref_sds["text_encoder_2"].items()}
     for variant in ("fp16", None):  # None falls back to fp16 when there is no fp32 file
-        model = load_component(
-            tmp_path / "fp16",
-            "text_encoder_2",
-            model_cls=MODEL_CLASSES["text_encoder_2"],
-            dtype=torch.float16,
-            device="cpu",
-            variant=variant,
-        )
+        model = _load(tmp_path / "fp16", "text_encoder_2", dtype=torch.float16, variant=variant)
         _assert_same(model.state_dict(), want, torch.float16)
 
     shard = sorted((tmp_path / "fp32" / "unet").glob("*-00002-of-*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(WeightsError, match="shard"):
-        load_component(
-            tmp_path / "fp32",
-            "unet",
-            model_cls=MODEL_CLASSES["unet"],
-            dtype=torch.float32,
-            device="cpu",
-        )
+        _load(tmp_path / "fp32", "unet")
 
 
 @pytest.fixture
@@ -389,17 +349,12 @@ def vae_dir(ref_dir, tmp_path):
 
 def test_missing_folder_and_config(vae_dir):
     with pytest.raises(WeightsError, match="component folder not found"):
-        load_component(
-            vae_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "unet")
     (vae_dir / "vae" / "config.json").unlink()
     with pytest.raises(WeightsError, match=r"config\.json: missing"):
-        load_component(
-            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "vae")
 
 
-@needs_models
 @pytest.mark.parametrize("damage", ["truncated", "random", "empty", "missing"])
 def test_damaged_weights_file(vae_dir, damage):
     path = vae_dir / "vae" / "diffusion_pytorch_model.safetensors"
@@ -419,22 +374,17 @@ def test_damaged_weights_file(vae_dir, damage):
         path.unlink()
     match = "no safetensors weights" if damage == "missing" else "download it again"
     with pytest.raises(WeightsError, match=match) as err:
-        load_component(
-            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "vae")
     assert str(path.parent) in str(err.value)
 
 
-@needs_models
 def test_shape_and_key_mismatches(vae_dir):
     path = vae_dir / "vae" / "diffusion_pytorch_model.safetensors"
     sd = load_file(path)
     bad = dict(sd, **{"decoder.conv_in.bias": torch.zeros(7)})
     save_file(bad, path)
     with pytest.raises(WeightsError, match=r"decoder\.conv_in\.bias: expected \(32,\), got \(7,\)"):
-        load_component(
-            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "vae")
     partial = {k: v for k, v in sd.items() if not k.startswith("decoder.mid_block")}
     partial["extra.weight"] = torch.zeros(1)
     save_file(partial, path)
@@ -442,29 +392,21 @@ def test_shape_and_key_mismatches(vae_dir):
         WeightsError,
         match=r"missing key\(s\).*decoder\.mid_block.*1 unexpected key\(s\) \(e\.g\. extra\.weight\)",
     ):
-        load_component(
-            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "vae")
 
 
-@needs_models
 def test_config_of_another_architecture(vae_dir):
     config_path = vae_dir / "vae" / "config.json"
     config_path.write_text(json.dumps(TINY["unet"]))
     with pytest.raises(WeightsError, match="must hold a AutoencoderKL config"):
-        load_component(
-            vae_dir, "vae", model_cls=MODEL_CLASSES["vae"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "vae")
     sd15_unet = dict(TINY["unet"], addition_embed_type=None, cross_attention_dim=768)
     shutil.copytree(vae_dir / "vae", vae_dir / "unet")
     (vae_dir / "unet" / "config.json").write_text(json.dumps(sd15_unet))
     with pytest.raises(WeightsError, match="unsupported unet config"):
-        load_component(
-            vae_dir, "unet", model_cls=MODEL_CLASSES["unet"], dtype=torch.float32, device="cpu"
-        )
+        _load(vae_dir, "unet")
 
 
-@needs_models
 def test_load_vae_from_the_model_or_a_separate_folder(vae_dir, tmp_path):
     own = load_vae(
         vae_dir, model_cls=MODEL_CLASSES["vae"], device="cpu", dtype=torch.float32
@@ -488,7 +430,6 @@ def test_load_vae_from_the_model_or_a_separate_folder(vae_dir, tmp_path):
 # ----------------------------------------------------------------------------- single file
 
 
-@needs_models
 def test_single_file_save_and_load(ref_dir, ref_sds, tmp_path):
     path = save_single_file(ref_sds, tmp_path / "sdxl.safetensors", configs=TINY)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic: no temp left
@@ -501,7 +442,6 @@ def test_single_file_save_and_load(ref_dir, ref_sds, tmp_path):
             _assert_same(models[name].state_dict(), ref_sds[name], torch.bfloat16)
 
 
-@needs_models
 def test_single_file_errors(ref_sds, tmp_path):
     sd15 = {
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(
