@@ -230,6 +230,10 @@ def test_trainer_visits_weights_flips_and_dropout_per_subset(subset_run, tiny_di
     s = trainer(subsets=shuffled)
     assert s.text is not None  # one subset shuffles: text is encoded in the step
     assert (s._caption_options(train[0]), s._caption_options(reg[0])) == ((True, 1), (False, 0))
+    # One rate for every subset, not --caption_dropout's: still each row's own rate.
+    same = tuple(dataclasses.replace(s, caption_dropout_rate=0.5) for s in base.subsets)
+    rows = trainer(subsets=same, batch_size=2).read_group([(0, [train[0], reg[0]])])[0]
+    assert rows["drop_rate"].tolist() == [0.5, 0.5]
     three = [dataclasses.replace(s, num_repeats=3) if not s.is_reg else s for s in base.subsets]
     assert trainer(subsets=tuple(three)).steps_per_epoch() == 18  # 9 + 9 regularization
     with pytest.raises(Exception, match="2 data subsets but the settings list 1"):

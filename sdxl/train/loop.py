@@ -79,7 +79,9 @@ class Trainer:
         self.loss_scale = {i: cfg.prior_loss_weight for i in self.samples
                            if self.plans[self.data.subset(i)].is_reg}  # fmt: skip
         rates = {i: self.plans[self.data.subset(i)].caption_dropout_rate for i in self.samples}
-        self.drop_rates = rates if len(set(rates.values())) > 1 else None  # else: one scalar
+        # None: every row drops at cfg.caption_dropout (the scalar draw); else per-row rates,
+        # also when all subsets share one rate of their own.
+        self.drop_rates = None if set(rates.values()) <= {cfg.caption_dropout} else rates
         self.batches_cache: tuple[int, list[list[int]]] | None = None
         if self.total_steps() == 0:
             raise UserError(
