@@ -86,10 +86,12 @@ def shard_range(wildcards):
     return [images.start, images.stop]
 
 
-# Evaluate_reference job k reads the reference images of REFERENCE_RANGES[k].
+# Evaluate_reference job k reads the reference images of REFERENCE_RANGES[k]; the folder is
+# listed once here, not once per job.
+REFERENCE_FILES = inputs.reference_dir_files(config) if EVALUATE else []
 REFERENCE_RANGES = (
     shard_ranges(
-        inputs.reference_count(config),
+        inputs.reference_count(config, REFERENCE_FILES),
         items_per_shard=config["evaluate"]["images_per_shard"],
     )
     if EVALUATE
@@ -109,7 +111,7 @@ def reference_inputs(wildcards):
     if not config["evaluate"]["reference_dir"]:
         return rules.validate_captions.output.manifest
     start, stop = reference_range(wildcards)
-    return inputs.reference_dir_files(config)[start:stop]
+    return REFERENCE_FILES[start:stop]
 
 
 def evaluate_settings(*keys):

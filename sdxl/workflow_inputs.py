@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 
 from sdxl.dataset_config import caption_settings
+from sdxl.evaluate.files import image_paths
 from sdxl.train.config import RUNTIME_SETTINGS, VALIDATION_SETTINGS
 
 # What sdxl.data.dataset.scan_dataset reads; tests/test_workflow.py checks that both agree.
 DATA_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".txt")
-# What sdxl.evaluate.features.image_files reads.
-EVAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def data_folders(config: dict) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -95,21 +94,21 @@ def generation_settings(config: dict) -> dict:
 
 
 def reference_dir_files(config: dict) -> list[str]:
-    """The images under evaluate.reference_dir (as sdxl.evaluate.features.image_files)."""
+    """The images under evaluate.reference_dir, in the order the evaluate_reference jobs read
+    them (sdxl/evaluate/files.py); none without a reference_dir."""
     root = config["evaluate"]["reference_dir"]
+    if not root:
+        return []
     if not os.path.isdir(root):
         raise ValueError(f"evaluate.reference_dir: {root} is not a folder of images")
-    found = []
-    for folder, _dirs, files in os.walk(root):
-        found += [os.path.join(folder, n) for n in files if n.lower().endswith(EVAL_SUFFIXES)]
-    return sorted(found)
+    return [str(p) for p in image_paths(root)]
 
 
-def reference_count(config: dict) -> int:
+def reference_count(config: dict, reference_files: list[str]) -> int:
     """How many reference images there may be, known when the workflow is parsed: the images
-    under evaluate.reference_dir, else the training dataset's image files (items that
-    validation drops leave the last reference shards short, or empty)."""
+    under evaluate.reference_dir (`reference_files`), else the training dataset's image files
+    (items that validation drops leave the last reference shards short, or empty)."""
     if not config["evaluate"]["reference_dir"]:
         images = DATA_SUFFIXES[:-1]  # not the caption files, whatever their extension
         return sum(p.lower().endswith(images) for p in dataset_files(config))
-    return len(reference_dir_files(config))
+    return len(reference_files)

@@ -238,12 +238,19 @@ def test_cli_bad_input_is_one_error_line(folders, tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
 
 
-def test_the_workflow_counts_the_reference_images_the_jobs_read():
-    """sdxl.workflow_inputs keeps its own copy (no torch when the workflow is parsed)."""
-    from sdxl.evaluate.features import IMAGE_EXTENSIONS
-    from sdxl.workflow_inputs import EVAL_SUFFIXES
+def test_the_workflow_lists_the_reference_images_the_jobs_read(tmp_path):
+    """The rules slice the list the evaluate_reference jobs read, in the same order (names that
+    sort differently as strings and as paths too), and a folder named like an image is none."""
+    from sdxl.evaluate.run import reference_items
+    from sdxl.workflow_inputs import reference_dir_files
 
-    assert sorted(EVAL_SUFFIXES) == sorted(IMAGE_EXTENSIONS)
+    for name in ("a b/1.png", "a/1.png", "a/2.JPG", "c.webp", "notes.txt", "d.png/x.bmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    listed = reference_dir_files({"evaluate": {"reference_dir": str(tmp_path)}})
+    assert listed == [str(p) for p in reference_items(str(tmp_path), "")]
+    assert [os.path.relpath(p, tmp_path) for p in listed] == [
+        "a/1.png", "a/2.JPG", "a b/1.png", "c.webp", "d.png/x.bmp"]  # fmt: skip
 
 
 def test_library_never_imports_the_metric_libraries():

@@ -30,6 +30,7 @@ from sdxl.weights import (
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+
 def _load(folder, name: str, dtype=torch.float32, **kwargs):
     """load_component on the CPU into the network class of component `name`."""
     return load_component(folder, name, model_cls=MODEL_CLASSES[name], dtype=dtype,

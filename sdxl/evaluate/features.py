@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 
 from sdxl.errors import UserError
 from sdxl.evaluate.clip import DEFAULT_CLIP, image_embeddings, load_clip, text_embeddings
+from sdxl.evaluate.files import IMAGE_EXTENSIONS, image_paths
 from sdxl.evaluate.inception import DEFAULT_INCEPTION, load_inception, resize_299
 from sdxl.progress import track
 from sdxl.utils import atomic_path
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PNG_META_KEY = "sdxl"  # the JSON text chunk sdxl.generate.writers puts in every image
 
 
@@ -46,7 +46,7 @@ def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_paths(folder)
     if not files:
         raise UserError(f"{folder}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
