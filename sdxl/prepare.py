@@ -28,7 +28,7 @@ from sdxl import config_fields
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.hub import SDXL_BASE_REPO, select_files
 from sdxl.models.configs import BUILTIN_TINY
-from sdxl.utils import atomic_path, atomic_write_text
+from sdxl.utils import atomic_path, atomic_write_text, sha256_file
 from sdxl.weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,6 @@ def link_sdxl_files(src: Path, dst: Path, variant: str | None) -> list[str]:
     for name in files:
         link_file(src / name, dst / name)
     return files
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(model_dir: Path, path: Path, cfg: WeightsConfig, kind: str) -> dict:

@@ -1,8 +1,10 @@
-"""Small helpers shared by the whole library: dtype names, atomic file writes, temp cleanup."""
+"""Small helpers shared by the whole library: dtype names, atomic file writes, temp cleanup,
+file hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -78,3 +80,13 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> li
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def sha256_file(path: str | os.PathLike, offset: int = 0, chunk: int = 1 << 24) -> str:
+    """sha256 of the file's bytes from `offset` on, read in chunks (models are many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from sdxl import prepare
 from sdxl.prepare import WeightsConfig, check_manifest, prepare_weights, source_kind
+from sdxl.utils import sha256_file
 from sdxl.weights import COMPONENTS, WeightsError, load_component_state_dict, save_single_file
 
 
@@ -26,7 +26,7 @@ def test_builtin_tiny_writes_the_model_and_a_manifest(tmp_path):
     assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
     entry = files["vae/config.json"]
     assert entry["size"] == (model / "vae/config.json").stat().st_size
-    assert entry["sha256"] == prepare.sha256_file(model / "vae/config.json")
+    assert entry["sha256"] == sha256_file(model / "vae/config.json")
     check_manifest(model, tmp_path / "m.json")
     (model / "vae/config.json").write_text("{}")
     with pytest.raises(WeightsError, match="vae/config.json"):

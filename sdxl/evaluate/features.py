@@ -22,11 +22,11 @@ from sdxl.errors import UserError
 from sdxl.evaluate.clip import DEFAULT_CLIP, image_embeddings, load_clip, text_embeddings
 from sdxl.evaluate.files import IMAGE_EXTENSIONS, image_paths
 from sdxl.evaluate.inception import DEFAULT_INCEPTION, load_inception, resize_299
+from sdxl.generate.writers import recorded_meta
 from sdxl.progress import track
 from sdxl.utils import atomic_path
 
 log = logging.getLogger(__name__)
-PNG_META_KEY = "sdxl"  # the JSON text chunk sdxl.generate.writers puts in every image
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,8 @@ def recorded_prompt(path: Path) -> str | None:
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8").strip()
-    with Image.open(path) as im:
-        text = im.info.get(PNG_META_KEY)
-    return json.loads(text).get("prompt") if isinstance(text, str) else None
+    text = recorded_meta(path)
+    return json.loads(text).get("prompt") if text else None
 
 
 def read_uint8(path: Path) -> torch.Tensor:

@@ -18,7 +18,6 @@ data (kohya's "addnet" hash, which ignores the JSON header so editing metadata k
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -90,16 +89,6 @@ def infotext(meta: dict) -> str:
 # ----------------------------------------------------------------------------- hashes
 
 
-def sha256_of(path: Path, offset: int = 0, chunk: int = 1 << 24) -> str:
-    """sha256 of the file's bytes from `offset` on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def safetensors_data_offset(path: Path) -> int:
     """Where a safetensors file's tensor data starts (after the 8-byte length and the header);
     0 for a file too short for its header (not safetensors: the LoRA loader says so)."""
@@ -112,9 +101,11 @@ def safetensors_data_offset(path: Path) -> int:
 def lora_short_hash(path: str | Path) -> str:
     """A1111's LoRA short hash: 12 hex digits of the sha256 of the safetensors tensor data (of
     the whole file for other formats, as A1111 does)."""
+    from sdxl.utils import sha256_file  # (torch; this module is imported by light ones)
+
     path = Path(path)
     offset = safetensors_data_offset(path) if path.suffix == ".safetensors" else 0
-    return sha256_of(path, offset)[:12]
+    return sha256_file(path, offset)[:12]
 
 
 def model_short_hash(source: str | Path) -> str:
@@ -141,7 +132,9 @@ def model_short_hash(source: str | Path) -> str:
 
 
 def _hash_file(path: Path) -> str:
+    from sdxl.utils import sha256_file
+
     size = path.stat().st_size
     if size > 1 << 30:
         log.info("hashing %s (%.1f GB) for the A1111 'Model hash'", path, size / 2**30)
-    return sha256_of(path)
+    return sha256_file(path)

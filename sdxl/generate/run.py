@@ -116,7 +116,7 @@ class GenerateConfig:
         `sdxl.weights.model_identity`): a path alone misses a file replaced in place.
         """
         from sdxl.generate.infotext import lora_short_hash, model_short_hash
-        from sdxl.prepare import sha256_file
+        from sdxl.utils import sha256_file
         from sdxl.weights import model_identity
 
         out: dict = {

@@ -7,7 +7,6 @@ gives an empty value (the page then says so), never a failed report.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from sdxl.data.dataset import PROBLEM_COLUMNS
+from sdxl.utils import sha256_file
 
 METRIC_COLUMNS = ("loss", "lr", "grad_norm", "images_per_s", "peak_mem_gb")
 # The order the workflow's rules run in; the runtime table follows it.
@@ -89,11 +89,6 @@ def skipped_updates(metrics_csv: str | os.PathLike) -> int:
         return int(sum(_number(row.get("skipped")) or 0 for row in csv.DictReader(f)))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @dataclass(frozen=True)
 class LoraSummary:
     """What a kohya-format LoRA file holds, read from its safetensors header only."""
@@ -120,7 +115,7 @@ def read_lora(path: str | os.PathLike) -> LoraSummary:
     return LoraSummary(
         file_name=path.name,
         size_bytes=path.stat().st_size,
-        sha256=file_sha256(path),
+        sha256=sha256_file(path),
         metadata=metadata,
         modules=len(downs),
         parameters=parameters,

@@ -114,7 +114,7 @@ def validate_run(lora_files: dict[int, Path | None], model_dir: Path, samples: l
     A grid is kept when it was drawn from a file with the same sha256 under the same settings
     (recorded in the PNG); grids of steps no longer wanted are removed.
     """
-    from sdxl.prepare import sha256_file
+    from sdxl.utils import sha256_file
     from sdxl.weights import model_identity
 
     out_dir.mkdir(parents=True, exist_ok=True)
