@@ -272,13 +272,17 @@ def assign_state_dict(model: nn.Module, sd: dict, source: str, name: str) -> nn.
     return model.eval().requires_grad_(False)
 
 
-def _read_config(path: Path) -> dict:
-    """A component's config.json as a dict, or a WeightsError saying how to fix it."""
+_COMPONENT_CONFIG = ("every component folder needs its config.json (download the model again, "
+                     "or pass a folder in diffusers layout)")  # fmt: skip
+_VAE_CONFIG = ("pass an SDXL model folder (with vae/) or a VAE folder holding config.json and "
+               "diffusion_pytorch_model.safetensors")  # fmt: skip
+
+
+def _read_config(path: Path, missing: str = _COMPONENT_CONFIG) -> dict:
+    """A component's config.json as a dict, or a WeightsError saying how to fix it (`missing`:
+    what to do when there is none)."""
     if not path.is_file():
-        raise WeightsError(
-            f"{path}: missing; every component folder needs its config.json "
-            "(download the model again, or pass a folder in diffusers layout)"
-        )
+        raise WeightsError(f"{path}: missing; {missing}")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -322,23 +326,9 @@ def _vae_folder(model_dir: str | Path, vae_dir: str | Path | None) -> Path:
     return vae_dir / "vae" if (vae_dir / "vae" / "config.json").is_file() else vae_dir
 
 
-def _vae_config(folder: Path) -> dict:
-    """The VAE's config.json, or a WeightsError saying what the folder must hold."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = None
-    if not isinstance(config, dict):
-        raise WeightsError(
-            f"cannot read {folder / 'config.json'}; pass an SDXL model folder (with vae/) or a "
-            "VAE folder holding config.json and diffusion_pytorch_model.safetensors"
-        )
-    return config
-
-
 def vae_scaling_factor(model_dir: str | Path, vae_dir: str | Path | None = None) -> float:
     """The latent scaling factor of the VAE load_vae loads, read from its config alone."""
-    config = _vae_config(_vae_folder(model_dir, vae_dir))
+    config = _read_config(_vae_folder(model_dir, vae_dir) / "config.json", _VAE_CONFIG)
     return float(config.get("scaling_factor", VAEConfig.scaling_factor))
 
 
@@ -352,12 +342,10 @@ def load_vae(
 ) -> nn.Module:
     """The model's VAE, or a separate one (e.g. sdxl-vae-fp16-fix: a folder with config.json
     and weights, or with vae/), as a `model_cls` (AutoencoderKL), strictly, frozen, in eval."""
-    if vae_dir is None:
-        return load_component(model_dir, "vae", model_cls=model_cls, dtype=dtype, device=device)
-    folder = _vae_folder(model_dir, vae_dir)
-    model = build_on_meta("vae", model_cls, _vae_config(folder), str(folder / "config.json"))
-    sd = load_component_state_dict(folder, device=device, dtype=dtype)
-    return assign_state_dict(model, sd, str(folder), "vae")
+    config = _vae_folder(model_dir, vae_dir) / "config.json"
+    model = build_on_meta("vae", model_cls, _read_config(config, _VAE_CONFIG), str(config))
+    weights = find_component_weights(config.parent)
+    return assign_state_dict(model, load_weights(weights, device, dtype), str(weights), "vae")
 
 
 # ----------------------------------------------------------------------------- checks, identity
