@@ -19,26 +19,10 @@ from sdxl.models.configs import (
     MODEL_INDEX,
     SCHEDULER,
     TINY,
-    CLIPTextConfig,
-    UNetConfig,
-    VAEConfig,
 )
+from sdxl.models.networks import MODEL_CLASSES
 from sdxl.tiny_tokenizer import END, write_tokenizer
 from sdxl.utils import atomic_path, atomic_write_text
-
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def _build(name: str, config: dict) -> torch.nn.Module:
-    from sdxl.models.clip import CLIPTextModel
-    from sdxl.models.unet import UNet2DConditionModel
-    from sdxl.models.vae import AutoencoderKL
-
-    if name == "unet":
-        return UNet2DConditionModel(UNetConfig.from_dict(config))
-    if name == "vae":
-        return AutoencoderKL(VAEConfig.from_dict(config))
-    return CLIPTextModel(CLIPTextConfig.from_dict(config))
 
 
 @contextlib.contextmanager
@@ -77,10 +61,10 @@ def write_random_sdxl(
     tokenizers are the tiny byte-level BPE, so text encoder vocab sizes must be TINY_VOCAB_SIZE.
     """
     folder = Path(folder)
-    for k, name in enumerate(COMPONENTS):
+    for k, (name, network) in enumerate(MODEL_CLASSES.items()):
         with torch.random.fork_rng(devices=[]), _default_dtype(dtype), torch.device(device):
             torch.manual_seed(seed + k)
-            module = _build(name, configs[name])
+            module = network(network.config_class.from_dict(configs[name]))
         _save_component(folder, name, configs[name], module)
         del module
     write_tokenizer(folder / "tokenizer", pad_token=END)
