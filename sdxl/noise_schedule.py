@@ -136,10 +136,14 @@ def alphas_cumprod_for(cfg: SchedulerConfig) -> Tensor:
     return torch.cumprod(1.0 - betas_for(cfg), dim=0)
 
 
+def sigmas_for(alphas_cumprod: Tensor) -> Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), ascending in t."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
 def train_sigmas(cfg: SchedulerConfig) -> np.ndarray:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0..T-1 (fp32, ascending)."""
-    ac = alphas_cumprod_for(cfg)
-    return (((1 - ac) / ac) ** 0.5).numpy()
+    """The sigmas of t = 0..T-1 (fp32, ascending), for the sampling schedules."""
+    return sigmas_for(alphas_cumprod_for(cfg)).numpy()
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,7 +159,7 @@ class NoiseSchedule:
         """Build the tables from a diffusers scheduler_config.json dict."""
         cfg = SchedulerConfig.from_dict(config)
         ac = alphas_cumprod_for(cfg)
-        return cls(betas=betas_for(cfg), alphas_cumprod=ac, sigmas=((1 - ac) / ac) ** 0.5)
+        return cls(betas=betas_for(cfg), alphas_cumprod=ac, sigmas=sigmas_for(ac))
 
     @property
     def num_train_timesteps(self) -> int:
