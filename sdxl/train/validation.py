@@ -45,10 +45,7 @@ class Validator:
         index = model_dir / "model_index.json"
         index = json.loads(index.read_text()) if index.is_file() else {}
         self.zero_empty = index.get("force_zeros_for_empty_prompt", True)
-        encoders = [load_component(model_dir, n, model_cls=CLIPTextModel, dtype=torch.float32,
-                                   device="cpu") for n in ("text_encoder", "text_encoder_2")]  # fmt: skip
-        self.encode(load_tokenizers(model_dir), encoders)
-        del encoders
+        self.encode(load_tokenizers(model_dir), list(_text_encoders(model_dir).values()))
         self.vae = load_vae(model_dir, model_cls=AutoencoderKL, device="cpu", dtype=torch.float32)
         self.key = json.dumps({"samples": [asdict(s) for s in self.samples],
                                "model_id": model_identity(model_dir)}, sort_keys=True)  # fmt: skip
@@ -142,47 +139,38 @@ def validate_run(lora_files: dict[int, Path | None], model_dir: Path, samples: l
 
 
 def _draw(todo, model_dir, samples, device, precision) -> None:
-    """Load the model once and draw each (LoRA file or None, grid path, key) of `todo`."""
-    from sdxl.lora import apply_loras, remove_lora
+    """Load the model once and draw each (LoRA file or None, grid path, key) of `todo`; a file
+    with text-encoder parts (kohya lora_te1/2_) re-encodes the prompts through them."""
+    from sdxl.lora import remove_lora
     from sdxl.lora_formats import load_lora_file
-    from sdxl.text_lora import split_components
+    from sdxl.text_lora import TEXT_ENCODERS, apply_component_loras, split_components
     from sdxl.utils import to_dtype
 
     sched = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
     validator = Validator(Path(model_dir), samples, sched)
-    unet = load_component(model_dir, "unet", model_cls=UNet2DConditionModel,
-                          dtype=to_dtype(precision), device=device)  # fmt: skip
-    text_lora = False  # whether the prompts were last encoded through a text-encoder LoRA
+    networks = {"unet": load_component(model_dir, "unet", model_cls=UNet2DConditionModel,
+                                       dtype=to_dtype(precision), device=device)}  # fmt: skip
+    text_lora = False  # whether validator.text came through a text-encoder LoRA
     for lora, grid_path, key in todo:
-        if lora is None:  # the base model: step 0
-            if text_lora:
-                text_lora = _encode_through(validator, model_dir, {})
-            save_grid(validator.grid(unet), grid_path, key)
-            continue
-        parts = split_components(load_lora_file(lora, unet, text_encoders=True)[0])
-        if text_lora or len(parts) > ("unet" in parts):  # text-encoder parts: kohya lora_te1/2_
-            text_lora = _encode_through(validator, model_dir, parts)
-        if "unet" in parts:
-            apply_loras(unet, [(parts["unet"], 1.0)])
-        image = validator.grid(unet)
-        if "unet" in parts:
-            remove_lora(unet)  # back to the base weights for the next file
-        save_grid(image, grid_path, key)
+        state = load_lora_file(lora, networks["unet"], text_encoders=True)[0] if lora else {}
+        touched = set(split_components(state))
+        if (touched - {"unet"} or text_lora) and "text_encoder" not in networks:
+            networks |= _text_encoders(model_dir)  # once, when first needed
+        apply_component_loras(networks, [(state, 1.0)])
+        if touched - {"unet"} or text_lora:
+            validator.encode(load_tokenizers(model_dir), [networks[n] for n in TEXT_ENCODERS])
+            text_lora = bool(touched - {"unet"})
+        save_grid(validator.grid(networks["unet"]), grid_path, key)
+        for name in touched:
+            remove_lora(networks[name])  # back to the base weights for the next file
 
 
-def _encode_through(validator: Validator, model_dir: Path, parts: dict) -> bool:
-    """Encode the validator's prompts with the base text encoders plus the text-encoder parts of
-    `parts` (split_components of a LoRA state); True when there were some."""
-    from sdxl.lora import apply_loras
+def _text_encoders(model_dir: Path) -> dict[str, torch.nn.Module]:
+    """Both CLIP text encoders, fp32 on the CPU (they encode a few prompts, then wait)."""
     from sdxl.text_lora import TEXT_ENCODERS
 
-    encoders = [load_component(model_dir, n, model_cls=CLIPTextModel, dtype=torch.float32,
-                               device="cpu") for n in TEXT_ENCODERS]  # fmt: skip
-    for name, encoder in zip(TEXT_ENCODERS, encoders, strict=True):
-        if name in parts:
-            apply_loras(encoder, [(parts[name], 1.0)])
-    validator.encode(load_tokenizers(model_dir), encoders)
-    return any(name in parts for name in TEXT_ENCODERS)
+    return {n: load_component(model_dir, n, model_cls=CLIPTextModel, dtype=torch.float32,
+                              device="cpu") for n in TEXT_ENCODERS}  # fmt: skip
 
 
 def save_grid(image: Image.Image, path: Path, key: str) -> None:
