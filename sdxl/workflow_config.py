@@ -73,8 +73,9 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> None:
 def check_settings(config: dict) -> None:
     """ConfigError for settings that contradict each other (after the schema's defaults)."""
     train = config["train"]
+    lines = sample_prompt_lines(train)  # (checked: an error names the file's line or the key)
     epochs, saved = train["sample_every_n_epochs"], train["save_every_n_epochs"]
-    if sample_prompt_lines(train) and epochs and (not saved or epochs % saved):
+    if lines and epochs and (not saved or epochs % saved):
         raise ConfigError(
             f"config key 'train.sample_every_n_epochs': {epochs} must be a multiple of "
             f"train.save_every_n_epochs ({saved}): the grids are drawn from the LoRA snapshots "
@@ -88,7 +89,7 @@ def check_settings(config: dict) -> None:
         )
     key = "validation_interval" if interval else "sample_every_n_steps"
     every, interval = train["save_every_n_steps"], interval or steps
-    if sample_prompt_lines(train) and interval and (not every or interval % every):
+    if lines and interval and (not every or interval % every):
         raise ConfigError(
             f"config key 'train.{key}': {interval} must be a multiple of "
             f"train.save_every_n_steps ({every}): the grids are drawn from the LoRA snapshots "

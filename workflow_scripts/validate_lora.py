@@ -14,13 +14,12 @@ claim = start(snakemake, gpus=snakemake.resources.gpu)
 from safetensors import safe_open  # noqa: E402
 
 from sdxl.train.config import TrainConfig  # noqa: E402
-from sdxl.train.sample_prompts import read_prompt_lines  # noqa: E402
 from sdxl.train.snapshots import grid_files, list_snapshots  # noqa: E402
 from sdxl.train.validation import validate_run  # noqa: E402
+from sdxl.workflow_config import sample_prompt_lines  # noqa: E402
 
 hp = dict(snakemake.params.validation)
-if hp["sample_prompts"]:  # kohya's prompt file instead of validation_prompts
-    hp["validation_prompts"] = read_prompt_lines(hp["sample_prompts"], "train.sample_prompts")
+hp["validation_prompts"] = sample_prompt_lines(hp)  # kohya's prompt file, if one is given
 cfg = TrainConfig.from_dict({**hp, "data_dir": ""})  # the prompts with the run's defaults
 final = Path(snakemake.input.lora)
 with safe_open(str(final), "pt") as f:

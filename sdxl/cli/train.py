@@ -19,6 +19,7 @@ from types import NoneType
 from sdxl.cli.errors import add_debug_flag, one_line_errors
 from sdxl.errors import UserError
 from sdxl.train.config import OPTIONAL, TYPES, TrainConfig
+from sdxl.train.sample_prompts import read_prompt_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.pop("debug")
     values.update(dataset_settings(values.pop("dataset_config"), values["data_dir"]))
     if values["sample_prompts"]:  # the file is recorded in config.json with its lines
-        values["validation_prompts"] = read_validation_prompts(Path(values["sample_prompts"]))
+        flag = "--validation_caption_file/--sample_prompts"
+        values["validation_prompts"] = read_prompt_lines(values["sample_prompts"], flag)
     return TrainConfig.from_dict(values)
 
 
@@ -88,19 +90,6 @@ def dataset_settings(path: Path | None, data_dir: str) -> dict:
     if config.batch_size is not None:
         values["batch_size"] = config.batch_size
     return values
-
-
-def read_validation_prompts(path: Path) -> list[str]:
-    """The prompt lines of --validation_caption_file / --sample_prompts (kohya's format: # lines
-    are comments); errors name the flag and the file's line."""
-    from sdxl.train.sample_prompts import read_prompt_lines
-
-    if not path.is_file():
-        raise UserError(
-            f"--validation_caption_file {path}: no such file; pass an existing text file with "
-            "one prompt per line, or leave the flag out"
-        )
-    return read_prompt_lines(path, flag="--validation_caption_file")
 
 
 def main(argv: list[str] | None = None) -> int:
