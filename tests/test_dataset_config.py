@@ -230,6 +230,9 @@ def test_trainer_visits_weights_flips_and_dropout_per_subset(subset_run, tiny_di
     s = trainer(subsets=shuffled)
     assert s.text is not None  # one subset shuffles: text is encoded in the step
     assert (s._caption_options(train[0]), s._caption_options(reg[0])) == ((True, 1), (False, 0))
+    # --shuffle_caption, but every subset says no: nothing shuffles, the text cache serves.
+    unshuffled = tuple(dataclasses.replace(s, shuffle_caption=False) for s in base.subsets)
+    assert trainer(shuffle_caption=True, subsets=unshuffled).text is None
     # One rate for every subset, not --caption_dropout's: still each row's own rate.
     same = tuple(dataclasses.replace(s, caption_dropout_rate=0.5) for s in base.subsets)
     rows = trainer(subsets=same, batch_size=2).read_group([(0, [train[0], reg[0]])])[0]

@@ -53,10 +53,11 @@ def caption_seed(seed: int, epoch: int, batch_index: int, row: int) -> str:
 
 def on_the_fly_reasons(cfg: TrainConfig) -> list[str]:
     """The settings that need the text encoders in the step (empty: use the text cache)."""
-    reasons = [f"--{k}" for k in ("train_text_encoder", "shuffle_caption") if getattr(cfg, k)]
-    shuffled = [k for k, plan in enumerate(cfg.subset_plans) if plan.shuffle_caption]
-    if shuffled and not cfg.shuffle_caption:
-        reasons.append(f"shuffle_caption of data subset(s) {shuffled}")
+    reasons = ["--train_text_encoder"] if cfg.train_text_encoder else []
+    shuffled = [k for k, plan in enumerate(cfg.subset_plans) if plan.shuffle_caption]  # inherit
+    if shuffled:
+        reasons.append(f"shuffle_caption of data subset(s) {shuffled}" if cfg.subsets
+                       else "--shuffle_caption")  # fmt: skip
     return reasons
 
 
