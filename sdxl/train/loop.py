@@ -53,6 +53,7 @@ from sdxl.train.metrics import MetricsLog
 from sdxl.train.optim import lr_at, make_optimizer, param_groups, set_group_lrs
 from sdxl.train.snapshots import (
     list_snapshots,
+    optimizer_steps_per_epoch,
     prune_snapshots,
     snapshot_path,
     wanted_steps,
@@ -162,7 +163,8 @@ class Trainer:
         return self.batches_cache[1]
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.epoch_batches(0)) / self.cfg.gradient_accumulation_steps)
+        batches, accumulation = len(self.epoch_batches(0)), self.cfg.gradient_accumulation_steps
+        return optimizer_steps_per_epoch(batches, accumulation)
 
     def total_steps(self) -> int:
         full = self.steps_per_epoch() * self.cfg.num_epochs

@@ -45,14 +45,20 @@ def epoch_end_steps(every_epochs: int, steps_per_epoch: int, last: int) -> list[
     return list(range(every_epochs * steps_per_epoch, last + 1, every_epochs * steps_per_epoch))
 
 
+def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
+    """Optimizer steps of an epoch of `batches` batches (the trainer's, and the grids' from a
+    finished run's header: the same epoch ends)."""
+    return math.ceil(batches / accumulation)
+
+
 def grid_files(snapshots: dict[int, Path], final: Path, final_meta: dict[str, str],
                every_steps: int, every_epochs: int) -> dict[int, Path | None]:  # fmt: skip
     """step -> LoRA file of the grids drawn from a finished run (None: the base model, step 0):
     the snapshots every `every_steps` steps and at every `every_epochs`-th epoch's end, and the
     final LoRA. `final_meta` is the final file's kohya header (steps, batches per epoch)."""
     last = int(final_meta["ss_steps"])
-    per_epoch = math.ceil(int(final_meta["ss_num_batches_per_epoch"])
-                          / int(final_meta["ss_gradient_accumulation_steps"]))  # fmt: skip
+    per_epoch = optimizer_steps_per_epoch(int(final_meta["ss_num_batches_per_epoch"]),
+                                int(final_meta["ss_gradient_accumulation_steps"]))  # fmt: skip
     wanted = set(range(every_steps, last + 1, every_steps)) if every_steps else set()
     wanted |= set(epoch_end_steps(every_epochs, per_epoch, last))
     files: dict[int, Path | None] = {s: p for s, p in snapshots.items() if s in wanted}
