@@ -57,8 +57,9 @@ def grid_files(snapshots: dict[int, Path], final: Path, final_meta: dict[str, st
     the snapshots every `every_steps` steps and at every `every_epochs`-th epoch's end, and the
     final LoRA. `final_meta` is the final file's kohya header (steps, batches per epoch)."""
     last = int(final_meta["ss_steps"])
-    per_epoch = optimizer_steps_per_epoch(int(final_meta["ss_num_batches_per_epoch"]),
-                                int(final_meta["ss_gradient_accumulation_steps"]))  # fmt: skip
+    batches = int(final_meta["ss_num_batches_per_epoch"])
+    accumulation = int(final_meta["ss_gradient_accumulation_steps"])
+    per_epoch = optimizer_steps_per_epoch(batches, accumulation)
     wanted = set(range(every_steps, last + 1, every_steps)) if every_steps else set()
     wanted |= set(epoch_end_steps(every_epochs, per_epoch, last))
     files: dict[int, Path | None] = {s: p for s, p in snapshots.items() if s in wanted}
