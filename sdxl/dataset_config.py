@@ -247,6 +247,16 @@ def validate_subsets(subsets: Sequence[Subset], **options):
     return ValidationResult(folders, tuple(items), tuple(problems))
 
 
+def validate_data(data_dir: str, subsets: Sequence[Subset], **options):
+    """The run's data: its subsets when it has some (kohya's datasets replace the folder), else
+    the one folder; `options` are validate_dataset's."""
+    from sdxl.data.dataset import validate_dataset
+
+    return (
+        validate_subsets(subsets, **options) if subsets else validate_dataset(data_dir, **options)
+    )
+
+
 def subset_files(subsets: Sequence[Subset]) -> dict[str, Path]:
     """{'<k>/<relative path>': file} of every image and caption file of every subset."""
     from sdxl.data.dataset import scan_dataset

@@ -270,15 +270,13 @@ def plan_caches(cfg: TrainConfig, model_dir: Path, dist: DistInfo) -> CacheBuild
 
 
 def _validate(cfg: TrainConfig):
-    from sdxl.data.dataset import DatasetError, validate_dataset
-    from sdxl.dataset_config import validate_subsets
+    from sdxl.data.dataset import DatasetError
+    from sdxl.dataset_config import validate_data
 
     options = {"min_size": cfg.min_image_size, "policy": "fail" if cfg.strict_data else "skip",
                "skip_hint": "drop --strict_data to skip them"}  # fmt: skip
     try:
-        if cfg.subsets:
-            return validate_subsets(cfg.subsets, **options)
-        return validate_dataset(cfg.data_dir, **options)
+        return validate_data(cfg.data_dir, cfg.subsets, **options)
     except DatasetError as err:
         raise UserError(str(err)) from None
 
