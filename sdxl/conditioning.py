@@ -67,6 +67,12 @@ def unet_conditioning(text: TextConditioning, width: int, height: int, guided: b
     }
 
 
+def guidance_on(guidance_scale: float) -> bool:
+    """Whether classifier-free guidance is on (a negative pass beside each prompt's): scales of
+    1 or less are off, as in diffusers."""
+    return guidance_scale > 1.0
+
+
 def guided_eps(unet, x: Tensor, t: Tensor, cond: dict, guidance_scale: float,
                guidance_rescale: float) -> Tensor:  # fmt: skip
     """The guided eps/v prediction (B, C, H, W) fp32: both CFG branches in one UNet call.
@@ -74,7 +80,7 @@ def guided_eps(unet, x: Tensor, t: Tensor, cond: dict, guidance_scale: float,
     A plain function of tensors (and two constants), so torch.compile sees the CFG combine
     and the UNet as one graph.
     """
-    guided = guidance_scale > 1.0
+    guided = guidance_on(guidance_scale)
     x_in = torch.cat([x, x]) if guided else x  # (2B, C, H, W): negatives first, as diffusers
     out = unet(x_in.to(cond["encoder_hidden_states"].dtype), t, **cond).float()
     if not guided:

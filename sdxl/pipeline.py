@@ -22,6 +22,7 @@ from PIL import Image
 from sdxl.conditioning import (
     TextConditioning,
     encode_text,
+    guidance_on,
     guided_eps,
     guided_model,
     unet_conditioning,
@@ -64,8 +65,7 @@ class SampleSettings:
 
     @property
     def guided(self) -> bool:
-        """Whether classifier-free guidance is on (a negative pass beside each prompt's)."""
-        return self.guidance_scale > 1.0
+        return guidance_on(self.guidance_scale)
 
 
 def image_indices(batch: int, indices: list[int] | None) -> list[int]:
