@@ -206,25 +206,6 @@ def build_on_meta(name: str, model_cls: type[nn.Module], config: dict,
         return model_cls(cfg)
 
 
-def _align_keys(sd: dict, expected: dict, is_text: bool, ignorable: tuple[str, ...]) -> dict:
-    """Drop ignorable buffers (the model class's `ignored_keys`); for CLIP, match the
-    `text_model.` prefix the model uses.
-
-    transformers >= 5.6 writes CLIPTextModel without that prefix; the SDXL hub files have it.
-    """
-    ignored = {*ignorable, *(k.removeprefix("text_model.") for k in ignorable)}
-    out = {}
-    for key, value in sd.items():
-        if key not in expected and is_text:
-            if f"text_model.{key}" in expected:
-                key = f"text_model.{key}"
-            elif key.removeprefix("text_model.") in expected:
-                key = key.removeprefix("text_model.")
-        if key in expected or key not in ignored:
-            out[key] = value
-    return out
-
-
 def _examples(keys: list[str]) -> str:
     """A few keys, enough to recognise the problem without flooding the terminal."""
     return ", ".join(sorted(keys)[:5])
@@ -260,8 +241,8 @@ def _check_keys(sd: dict, expected: dict, source: str, name: str) -> None:
 def assign_state_dict(model: nn.Module, sd: dict, source: str, name: str) -> nn.Module:
     """Load `sd` strictly into a meta-device `model` by assignment; return it frozen in eval mode."""
     expected = model.state_dict()
-    ignorable = getattr(type(model), "ignored_keys", ())
-    sd = _align_keys(sd, expected, name.startswith("text_encoder"), ignorable)
+    convert = getattr(type(model), "convert_state_dict", None)  # a network's key fix-ups
+    sd = convert(sd) if convert else sd
     _check_keys(sd, expected, source, name)
     model.load_state_dict(sd, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

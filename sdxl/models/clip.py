@@ -109,7 +109,11 @@ class CLIPTextModel(nn.Module):
     """CLIP text encoder returning what SDXL conditions on: an inner hidden state and the pooled EOS."""
 
     config_class = CLIPTextConfig  # what sdxl.weights reads config.json into
-    ignored_keys = IGNORED_KEYS  # checkpoint keys a strict load drops
+
+    @staticmethod
+    def convert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What sdxl.weights applies to a checkpoint before the strict load."""
+        return convert_transformers_state_dict(sd)
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
