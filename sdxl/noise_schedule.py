@@ -8,12 +8,16 @@ and alpha_bar computed here, with diffusers' own arithmetic, so the two cannot d
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from sdxl.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -55,6 +59,18 @@ _FIXED = {
     "lambda_min_clipped": ((-math.inf,), {"dpmpp_2m"}),
     "variance_type": ((None, "fixed_small"), {"ddpm", "dpmpp_2m"}),
 }
+
+
+def read_scheduler_config(model_dir: Path) -> tuple[dict, Path]:
+    """The model's scheduler_config.json (and its path, for messages)."""
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it ({err}); download the model again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object; download the model again")
+    return config, path
 
 
 @dataclass(frozen=True)

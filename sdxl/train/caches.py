@@ -82,18 +82,6 @@ def resolve_model_dir(source: str, config_source: str | None = None) -> Path:
         raise WeightsError(f"--pretrained_model: {err}") from None
 
 
-def read_scheduler_config(model_dir: Path) -> tuple[dict, Path]:
-    """The model's scheduler_config.json (and its path, for messages)."""
-    path = model_dir / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read it ({err}); download the model again") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object; download the model again")
-    return config, path
-
-
 def is_cache_pair(path: Path) -> bool:
     """A folder holding a finished latent cache in latents/ and text cache in text/."""
     from sdxl.data.cached_dataset import is_cache_dir

@@ -16,7 +16,7 @@ from sdxl.data.cached_dataset import CachedDataset
 from sdxl.dataset_config import SubsetPlan
 from sdxl.errors import UserError
 from sdxl.lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict
-from sdxl.noise_schedule import NoiseSchedule
+from sdxl.noise_schedule import NoiseSchedule, read_scheduler_config
 from sdxl.progress import Progress
 from sdxl.train import distributed
 from sdxl.train.batches import read_ahead, read_rows
@@ -25,7 +25,6 @@ from sdxl.train.caches import (
     changed_settings,
     plan_caches,
     prepare_caches,
-    read_scheduler_config,
     resolve_model_dir,
 )
 from sdxl.train.checkpoint import (
@@ -122,9 +121,8 @@ class Trainer:
         self.optimizer = make_optimizer(param_groups(unet_params, text_params, cfg), cfg)
         self.ema = LoRAEMA(self.params, cfg.ema_decay) if cfg.use_ema else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        sched_cfg = json.loads((self.model_dir / "scheduler" / "scheduler_config.json").read_text())
-        self.scheduler_config = sched_cfg
-        self.schedule = NoiseSchedule.from_config(sched_cfg).to(device)
+        self.scheduler_config = read_scheduler_config(self.model_dir)[0]
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config).to(device)
         if self.dist.is_main:
             n = sum(p.numel() for p in self.params)
             log.info("LoRA: %s trainable parameters (%s)", f"{n:,}", cfg.lora_target)

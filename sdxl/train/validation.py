@@ -143,11 +143,11 @@ def _draw(todo, model_dir, samples, device, precision) -> None:
     with text-encoder parts (kohya lora_te1/2_) re-encodes the prompts through them."""
     from sdxl.lora import remove_lora
     from sdxl.lora_formats import load_lora_file
+    from sdxl.noise_schedule import read_scheduler_config
     from sdxl.text_lora import TEXT_ENCODERS, apply_component_loras, split_components
     from sdxl.utils import to_dtype
 
-    sched = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
-    validator = Validator(Path(model_dir), samples, sched)
+    validator = Validator(Path(model_dir), samples, read_scheduler_config(Path(model_dir))[0])
     networks = {"unet": load_component(model_dir, "unet", model_cls=UNet2DConditionModel,
                                        dtype=to_dtype(precision), device=device)}  # fmt: skip
     text_lora = False  # whether validator.text came through a text-encoder LoRA
