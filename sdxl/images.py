@@ -13,6 +13,18 @@ def fit_in_square(image: Image.Image, size: int) -> Image.Image:
     return ImageOps.pad(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC, "white")
 
 
+def image_boxes(sizes: list[tuple[int, int]], cols: int, cell_h: int) -> list[tuple[int, ...]]:
+    """Where make_grid puts each image of `sizes` ((width, height) each): (left, top, right,
+    bottom), in cells of the largest width, centred at the top of its cell. The report cuts
+    the images out of a grid with the same boxes."""
+    w = max(width for width, _ in sizes)
+    boxes = []
+    for i, (width, height) in enumerate(sizes):
+        x, y = (i % cols) * w + (w - width) // 2, (i // cols) * cell_h
+        boxes.append((x, y, x + width, y + height))
+    return boxes
+
+
 def make_grid(
     images: list[Image.Image], captions: list[str] | None = None, cols: int | None = None,
     caption_lines: int = 2,
@@ -33,10 +45,11 @@ def make_grid(
     grid = Image.new("RGB", (cols * w, rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
     chars = max(8, w // 6)
-    for i, image in enumerate(images):
-        x, y = (i % cols) * w, (i // cols) * cell_h
-        grid.paste(image.convert("RGB"), (x + (w - image.width) // 2, y))
+    boxes = image_boxes([im.size for im in images], cols, cell_h)
+    for i, (image, box) in enumerate(zip(images, boxes, strict=True)):
+        grid.paste(image.convert("RGB"), box[:2])
         if captions:
+            x, y = (i % cols) * w, (i // cols) * cell_h
             lines = textwrap.wrap(captions[i], chars)[:caption_lines]
             for k, line in enumerate(lines):
                 draw.text((x + 2, y + h + k * line_h), line, fill="black", font=font)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdxl.images import image_boxes
 from sdxl.report.readers import spread
 
 MAX_CELL = 192  # px: a validation cell is shown at most this large
@@ -36,12 +37,9 @@ def grid_cells(grid: Image.Image, count: int, size: int | None,
     when it divides the width, else make_grid's own default.
     """
     if len(sizes) == count and count:
-        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        cols = max(grid.width // w, 1)
+        cols = max(grid.width // max(s[0] for s in sizes), 1)
         cell_h = grid.height // math.ceil(count / cols)
-        boxes = [((i % cols) * w + (w - sw) // 2, (i // cols) * cell_h, sw, sh)
-                 for i, (sw, sh) in enumerate(sizes)]  # fmt: skip
-        return [grid.crop((x, y, x + sw, y + sh)) for x, y, sw, sh in boxes]
+        return [grid.crop(box) for box in image_boxes(list(sizes), cols, cell_h)]
     divides = size and grid.width % size == 0
     cols = grid.width // size if divides else math.ceil(math.sqrt(count))
     w = grid.width // cols
