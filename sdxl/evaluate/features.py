@@ -22,7 +22,7 @@ from sdxl.errors import UserError
 from sdxl.evaluate.clip import DEFAULT_CLIP, image_embeddings, load_clip, text_embeddings
 from sdxl.evaluate.files import IMAGE_EXTENSIONS, image_paths
 from sdxl.evaluate.inception import DEFAULT_INCEPTION, load_inception, resize_299
-from sdxl.generate.writers import recorded_meta
+from sdxl.generate.png_meta import recorded_meta
 from sdxl.progress import track
 from sdxl.utils import atomic_path
 
